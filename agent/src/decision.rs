@@ -1,0 +1,196 @@
+//! The closed set of decisions and reasons.
+//!
+//! One enum feeds the audit event's `reason`, the `reason` metric label and
+//! the error code in 401/403 responses, so logs, dashboards and callers see
+//! the same words and label cardinality stays bounded. This module decides
+//! nothing itself.
+
+use serde::Serialize;
+
+/// What the agent did with a request or connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Forwarded to the service.
+    Allow,
+    /// Rejected without contacting the service.
+    Deny,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+/// Why a request was allowed or denied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// A rule matched and the verified token met its requirements.
+    Allowed,
+    /// No token in any configured location.
+    MissingToken,
+    /// More than one token in the request (two headers, or header and cookie).
+    MultipleTokens,
+    /// Not a well-formed JWS compact serialization, or bad JSON inside.
+    MalformedToken,
+    /// `alg` is `none`, not in the issuer's allow-list, or does not fit the key.
+    AlgorithmNotAllowed,
+    /// `iss` names no configured issuer.
+    UnknownIssuer,
+    /// No key with the token's `kid`, even after a refetch.
+    UnknownKey,
+    /// The issuer's keys have not been fetched yet.
+    KeysUnavailable,
+    /// The signature does not verify.
+    InvalidSignature,
+    /// `exp` is in the past beyond the clock skew, or missing.
+    Expired,
+    /// `nbf` or `iat` is in the future beyond the clock skew.
+    NotYetValid,
+    /// `aud` matches no configured audience.
+    AudienceMismatch,
+    /// No rule matches the method and path (default deny).
+    NoRuleMatched,
+    /// A required claim value is absent.
+    ClaimMismatch,
+    /// None of the required roles is held.
+    MissingRole,
+    /// A required scope is not held.
+    MissingScope,
+    /// The bytes on a protected port were not a valid HTTP/1.1 request.
+    MalformedRequest,
+    /// The service could not be reached after the request was allowed.
+    UpstreamUnavailable,
+}
+
+impl Reason {
+    /// Every reason, for tests and for pre-registering metric labels.
+    pub const ALL: [Reason; 18] = [
+        Self::Allowed,
+        Self::MissingToken,
+        Self::MultipleTokens,
+        Self::MalformedToken,
+        Self::AlgorithmNotAllowed,
+        Self::UnknownIssuer,
+        Self::UnknownKey,
+        Self::KeysUnavailable,
+        Self::InvalidSignature,
+        Self::Expired,
+        Self::NotYetValid,
+        Self::AudienceMismatch,
+        Self::NoRuleMatched,
+        Self::ClaimMismatch,
+        Self::MissingRole,
+        Self::MissingScope,
+        Self::MalformedRequest,
+        Self::UpstreamUnavailable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::MissingToken => "missing_token",
+            Self::MultipleTokens => "multiple_tokens",
+            Self::MalformedToken => "malformed_token",
+            Self::AlgorithmNotAllowed => "algorithm_not_allowed",
+            Self::UnknownIssuer => "unknown_issuer",
+            Self::UnknownKey => "unknown_key",
+            Self::KeysUnavailable => "keys_unavailable",
+            Self::InvalidSignature => "invalid_signature",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::AudienceMismatch => "audience_mismatch",
+            Self::NoRuleMatched => "no_rule_matched",
+            Self::ClaimMismatch => "claim_mismatch",
+            Self::MissingRole => "missing_role",
+            Self::MissingScope => "missing_scope",
+            Self::MalformedRequest => "malformed_request",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+        }
+    }
+
+    /// HTTP status the caller receives for this reason.
+    ///
+    /// RFC 6750 §3.1: a missing or invalid token is 401 `invalid_token`, a
+    /// valid token without the needed rights is 403 `insufficient_scope`.
+    pub fn status(self) -> u16 {
+        match self {
+            Self::Allowed => 200,
+            Self::MissingToken
+            | Self::MultipleTokens
+            | Self::MalformedToken
+            | Self::AlgorithmNotAllowed
+            | Self::UnknownIssuer
+            | Self::UnknownKey
+            | Self::KeysUnavailable
+            | Self::InvalidSignature
+            | Self::Expired
+            | Self::NotYetValid
+            | Self::AudienceMismatch => 401,
+            Self::NoRuleMatched | Self::ClaimMismatch | Self::MissingRole | Self::MissingScope => {
+                403
+            }
+            Self::MalformedRequest => 400,
+            Self::UpstreamUnavailable => 502,
+        }
+    }
+
+    /// Human-readable description for response bodies and the
+    /// `error_description` of the challenge. It reveals no key, claim value
+    /// or rule detail.
+    pub fn description(self) -> &'static str {
+        match self {
+            Self::Allowed => "request allowed",
+            Self::MissingToken => "no bearer token in the request",
+            Self::MultipleTokens => "more than one token in the request",
+            Self::MalformedToken => "the token is not a well-formed JWT",
+            Self::AlgorithmNotAllowed => "the token's signing algorithm is not accepted",
+            Self::UnknownIssuer => "the token's issuer is not trusted",
+            Self::UnknownKey => "the token's signing key is not known",
+            Self::KeysUnavailable => "the issuer's keys are not available yet",
+            Self::InvalidSignature => "the token's signature is invalid",
+            Self::Expired => "the token has expired",
+            Self::NotYetValid => "the token is not valid yet",
+            Self::AudienceMismatch => "the token is not meant for this service",
+            Self::NoRuleMatched => "no rule allows this request",
+            Self::ClaimMismatch => "the token lacks a required claim value",
+            Self::MissingRole => "the token lacks a required role",
+            Self::MissingScope => "the token lacks a required scope",
+            Self::MalformedRequest => "the request is not valid HTTP/1.1",
+            Self::UpstreamUnavailable => "the service is unavailable",
+        }
+    }
+
+    pub fn decision(self) -> Decision {
+        if self == Self::Allowed {
+            Decision::Allow
+        } else {
+            Decision::Deny
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_names_are_unique() {
+        let mut names: Vec<_> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Reason::ALL.len());
+    }
+
+    #[test]
+    fn only_allowed_allows() {
+        for reason in Reason::ALL {
+            assert_eq!(reason == Reason::Allowed, reason.decision() == Decision::Allow, "{reason:?}");
+        }
+    }
+}
