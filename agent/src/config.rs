@@ -4,10 +4,19 @@
 //! keys. Unknown fields are rejected so that a misspelt option fails at load
 //! time instead of silently doing nothing.
 
+mod error;
+mod locate;
+mod path;
+mod summary;
+mod validate;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+pub use error::{ConfigError, Problem};
+pub(crate) use summary::redact_url;
 
 /// Admin listener address. Port 15021 is where Istio's sidecars and ztunnel
 /// serve health checks, so operators find it where they expect.
@@ -49,6 +58,13 @@ pub const DEFAULT_DRAIN_SECONDS: u64 = 20;
 /// `realm_access.roles` is reachable with a dotted path.
 pub const DEFAULT_ROLES_CLAIM: &str = "roles";
 
+/// Signature algorithms an issuer may list: the asymmetric JWS algorithms
+/// of RFC 7518 §3.1 that jsonwebtoken verifies. `none` and the HMAC
+/// algorithms are left out on purpose, see `validate::check_algorithms`.
+pub const ACCEPTED_ALGORITHMS: [&str; 9] = [
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
 /// The whole configuration file.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,7 +91,9 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: DEFAULT_ADMIN_LISTEN }
+        Self {
+            listen: DEFAULT_ADMIN_LISTEN,
+        }
     }
 }
 
@@ -241,4 +259,280 @@ fn default_jwks_timeout_seconds() -> u64 {
 }
 fn default_roles_claim() -> String {
     DEFAULT_ROLES_CLAIM.to_owned()
+}
+
+/// Reads and validates the configuration file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses and validates configuration `text`. `origin` names the text in
+/// errors, usually the file path.
+pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    let config: Config =
+        serde_yaml::from_str(text).map_err(|error| syntax_error(&error, origin))?;
+
+    let lines = locate::LineIndex::build(text);
+    let mut problems: Vec<Problem> = lines
+        .duplicate_keys()
+        .iter()
+        .map(|(field, line)| Problem {
+            field: field.to_string(),
+            line: Some(*line),
+            value: "(second occurrence)".to_owned(),
+            message: "duplicate key; only one of the two values would take effect, so list the key once with every value"
+                .to_owned(),
+        })
+        .collect();
+    problems.extend(
+        validate::validate(&config)
+            .into_iter()
+            .map(|finding| Problem {
+                line: lines.line_of(&finding.field),
+                field: finding.field.to_string(),
+                value: finding.value,
+                message: finding.message,
+            }),
+    );
+
+    if problems.is_empty() {
+        return Ok(config);
+    }
+    Err(ConfigError::Invalid {
+        origin: origin.to_owned(),
+        problems,
+    })
+}
+
+fn syntax_error(error: &serde_yaml::Error, origin: &str) -> ConfigError {
+    let location = error.location();
+    let line = location.as_ref().map(serde_yaml::Location::line);
+    let column = location.as_ref().map(serde_yaml::Location::column);
+
+    // serde_yaml ends most messages with the location, which the error
+    // already shows in front; drop the repeat when it is exactly that.
+    let mut detail = error.to_string();
+    if let (Some(line), Some(column)) = (line, column) {
+        let suffix = format!(" at line {line} column {column}");
+        if let Some(stripped) = detail.strip_suffix(&suffix) {
+            detail = stripped.to_owned();
+        }
+    }
+
+    ConfigError::Syntax {
+        origin: origin.to_owned(),
+        line,
+        column,
+        detail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    const VALID: &str = "\
+admin:
+  listen: 127.0.0.1:15021
+issuers:
+  - issuer: https://idp.example
+    jwks_uri: http://127.0.0.1:9000/jwks
+    audiences: [orders]
+    algorithms: [RS256, ES256, EdDSA]
+workloads:
+  - name: orders
+    netns: /var/run/netns/orders
+    ports: [8080]
+    rules:
+      - path_prefix: /orders
+        methods: [GET]
+        roles: [reader]
+";
+
+    #[test]
+    fn parse_valid_config_with_defaults() {
+        let config = parse(VALID, "valid.yaml").expect("valid config");
+
+        assert_eq!(config.issuers.len(), 1);
+        assert_eq!(
+            config.issuers[0].clock_skew_seconds,
+            DEFAULT_CLOCK_SKEW_SECONDS
+        );
+        assert_eq!(config.issuers[0].roles_claim, DEFAULT_ROLES_CLAIM);
+        assert_eq!(config.workloads[0].ports, vec![8080]);
+        assert_eq!(
+            config.interception.reserved_source_v4,
+            DEFAULT_RESERVED_SOURCE_V4
+        );
+        assert_eq!(config.drain_seconds, DEFAULT_DRAIN_SECONDS);
+    }
+
+    #[test]
+    fn unknown_field_names_field_and_line() {
+        let text = VALID.replace("    ports: [8080]", "    prots: [8080]");
+
+        let error = parse(&text, "typo.yaml").expect_err("unknown field");
+
+        let ConfigError::Syntax { line, detail, .. } = &error else {
+            panic!("{error}")
+        };
+        assert_eq!(*line, Some(11));
+        assert!(detail.contains("workloads[0]"), "{detail}");
+        assert!(detail.contains("unknown field `prots`"), "{detail}");
+        let message = error.to_string();
+        assert!(message.starts_with("typo.yaml:11:"), "{message}");
+        assert_eq!(
+            message.matches("line 11").count(),
+            0,
+            "location repeated: {message}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_value_and_line() {
+        let text = VALID.replace("    ports: [8080]", "    ports: [8080, http]");
+
+        let error = parse(&text, "type.yaml").expect_err("bad port");
+
+        let ConfigError::Syntax { line, detail, .. } = &error else {
+            panic!("{error}")
+        };
+        assert_eq!(*line, Some(11));
+        assert!(detail.contains("workloads[0].ports[1]"), "{detail}");
+        assert!(detail.contains("http"), "{detail}");
+    }
+
+    #[test]
+    fn out_of_range_port_is_type_error() {
+        let text = VALID.replace("    ports: [8080]", "    ports:\n      - 70000");
+
+        let error = parse(&text, "range.yaml").expect_err("port too large");
+
+        let ConfigError::Syntax { line, detail, .. } = &error else {
+            panic!("{error}")
+        };
+        assert_eq!(*line, Some(12));
+        assert!(detail.contains("70000"), "{detail}");
+    }
+
+    #[test]
+    fn yaml_syntax_error_has_line() {
+        let text = VALID.replace("    ports: [8080]", "    ports: [8080");
+
+        let error = parse(&text, "syntax.yaml").expect_err("unclosed flow sequence");
+
+        let ConfigError::Syntax { line, .. } = &error else {
+            panic!("{error}")
+        };
+        assert!(line.is_some_and(|line| line >= 11), "{error}");
+    }
+
+    #[test]
+    fn missing_required_field_is_reported() {
+        let text = VALID.replace("    netns: /var/run/netns/orders\n", "");
+
+        let error = parse(&text, "missing.yaml").expect_err("netns missing");
+
+        assert!(
+            error.to_string().contains("missing field `netns`"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn validation_error_names_field_value_file_and_line() {
+        let text = VALID.replace("    ports: [8080]", "    ports:\n      - 8080\n      - 0");
+
+        let error = parse(&text, "zero.yaml").expect_err("port 0");
+
+        let ConfigError::Invalid { origin, problems } = &error else {
+            panic!("{error}")
+        };
+        assert_eq!(origin, "zero.yaml");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "workloads[0].ports[1]");
+        assert_eq!(problems[0].line, Some(13));
+        assert_eq!(problems[0].value, "0");
+        let message = error.to_string();
+        assert!(message.contains("zero.yaml"), "{message}");
+        assert!(
+            message.contains("line 13: workloads[0].ports[1] = 0: port 0"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn validation_lists_every_problem() {
+        let text = VALID
+            .replace("[RS256, ES256, EdDSA]", "[none, HS256]")
+            .replace("[8080]", "[]");
+
+        let error = parse(&text, "many.yaml").expect_err("three problems");
+
+        let ConfigError::Invalid { problems, .. } = &error else {
+            panic!("{error}")
+        };
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "issuers[0].algorithms[0]",
+                "issuers[0].algorithms[1]",
+                "workloads[0].ports"
+            ]
+        );
+        assert!(problems.iter().all(|p| p.line.is_some()), "{problems:?}");
+    }
+
+    #[test]
+    fn load_reads_file_and_names_it() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(VALID.replace("[8080]", "[0]").as_bytes())
+            .expect("write");
+
+        let error = load(file.path()).expect_err("port 0");
+
+        let ConfigError::Invalid { origin, .. } = &error else {
+            panic!("{error}")
+        };
+        assert_eq!(origin, &file.path().display().to_string());
+    }
+
+    #[test]
+    fn load_missing_file_is_read_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+
+        let error = load(&dir.path().join("absent.yaml")).expect_err("no file");
+
+        assert!(matches!(error, ConfigError::Read { .. }), "{error}");
+        assert!(error.to_string().contains("absent.yaml"), "{error}");
+    }
+
+    #[test]
+    fn duplicate_keys_are_rejected() {
+        let field = VALID.replace("    ports: [8080]", "    ports: [8080]\n    ports: [9090]");
+        let claim = VALID.replace(
+            "        roles: [reader]",
+            "        claims:\n          tenant: [a]\n          tenant: [b]\n        roles: [reader]",
+        );
+
+        for text in [field, claim] {
+            let error = parse(&text, "dup.yaml").expect_err("duplicate key");
+
+            assert!(error.to_string().contains("duplicate"), "{error}");
+        }
+    }
+
+    #[test]
+    fn empty_text_is_syntax_error() {
+        let error = parse("", "empty.yaml").expect_err("empty");
+
+        assert!(matches!(error, ConfigError::Syntax { .. }), "{error}");
+    }
 }

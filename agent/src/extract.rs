@@ -3,25 +3,461 @@
 //! Exactly one token may be present; two are rejected rather than guessed
 //! between. Pure functions over `http::HeaderMap`.
 
+use http::header::{HeaderName, AUTHORIZATION, COOKIE};
 use http::HeaderMap;
 
 use crate::config::WorkloadConfig;
 use crate::decision::Reason;
 
+/// Prefix of the default token source, the `Authorization` header with the
+/// `Bearer` scheme of RFC 6750 §2.1.
+pub const DEFAULT_BEARER_PREFIX: &str = "Bearer ";
+
 /// Where a workload's token may be found.
 #[derive(Clone, Debug)]
 pub struct TokenSources {
-    _private: (),
+    headers: Vec<HeaderRule>,
+    cookies: Vec<String>,
+}
+
+/// One header that may carry the token, and the text before the token.
+#[derive(Clone, Debug)]
+struct HeaderRule {
+    name: HeaderName,
+    /// Text before the token, without trailing spaces.
+    prefix: String,
+    /// The configured prefix ended with a space: the token then follows
+    /// after one or more spaces, as `1*SP` in RFC 9110 §11.4 allows.
+    space_separated: bool,
 }
 
 impl TokenSources {
-    pub fn new(_workload: &WorkloadConfig) -> Self {
-        todo!()
+    /// Builds the sources of `workload`: its `from_headers` and
+    /// `from_cookies`, or `Authorization: Bearer` when both are empty.
+    ///
+    /// A header name that is not valid is skipped; the configuration
+    /// validation rejects such names before this runs.
+    pub fn new(workload: &WorkloadConfig) -> Self {
+        let mut headers: Vec<HeaderRule> = workload
+            .from_headers
+            .iter()
+            .filter_map(|source| {
+                let name = HeaderName::from_bytes(source.name.as_bytes()).ok()?;
+                Some(HeaderRule::new(name, &source.value_prefix))
+            })
+            .collect();
+
+        if workload.from_headers.is_empty() && workload.from_cookies.is_empty() {
+            headers.push(HeaderRule::new(AUTHORIZATION, DEFAULT_BEARER_PREFIX));
+        }
+        Self {
+            headers,
+            cookies: workload.from_cookies.clone(),
+        }
     }
 
-    /// Returns the one token in `headers`, `Ok(None)` when there is none, or
-    /// `Err(Reason::MultipleTokens)`.
-    pub fn extract<'h>(&self, _headers: &'h HeaderMap) -> Result<Option<&'h str>, Reason> {
-        todo!()
+    /// Returns the one token in `headers`, `Ok(None)` when there is none,
+    /// `Err(Reason::MultipleTokens)` when there are several, or
+    /// `Err(Reason::MalformedToken)` when a source carries a bad token.
+    ///
+    /// A header whose value does not start with the configured prefix
+    /// (`Authorization: Basic ...`) contains no token. Several instances of
+    /// one configured header where any carries the prefix count as
+    /// several tokens, because the field then has no single meaning.
+    pub fn extract<'h>(&self, headers: &'h HeaderMap) -> Result<Option<&'h str>, Reason> {
+        let mut found: Option<&'h str> = None;
+        let mut record = |token: &'h str| {
+            if found.replace(token).is_some() {
+                return Err(Reason::MultipleTokens);
+            }
+            Ok(())
+        };
+
+        for rule in &self.headers {
+            let values: Vec<_> = headers.get_all(&rule.name).iter().collect();
+            let tokens: Vec<Result<&'h str, Reason>> = values
+                .iter()
+                .filter_map(|value| rule.token_in(value.as_bytes()))
+                .collect();
+            if tokens.is_empty() {
+                continue;
+            }
+            if values.len() > 1 {
+                return Err(Reason::MultipleTokens);
+            }
+            for token in tokens {
+                record(token?)?;
+            }
+        }
+
+        for value in headers.get_all(COOKIE) {
+            for (name, cookie_value) in cookie_pairs(value.as_bytes()) {
+                if !self.cookies.iter().any(|wanted| wanted.as_bytes() == name) {
+                    continue;
+                }
+                // Other cookies may carry any bytes, but a token is ASCII.
+                match std::str::from_utf8(cookie_value) {
+                    Ok(token) if !token.is_empty() && token.is_ascii() => record(token)?,
+                    _ => return Err(Reason::MalformedToken),
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+impl HeaderRule {
+    fn new(name: HeaderName, prefix: &str) -> Self {
+        let trimmed = prefix.trim_end_matches(' ');
+        Self {
+            name,
+            prefix: trimmed.to_owned(),
+            space_separated: trimmed.len() != prefix.len(),
+        }
+    }
+
+    /// Returns the token in one header value, `None` when the value does not
+    /// start with the prefix, or `Err(MalformedToken)` when it does but what
+    /// follows is not a token.
+    fn token_in<'h>(&self, value: &'h [u8]) -> Option<Result<&'h str, Reason>> {
+        let prefix = self.prefix.as_bytes();
+        // Schemes and other prefixes are case-insensitive (RFC 9110 §11.1).
+        if value.len() < prefix.len() || !value[..prefix.len()].eq_ignore_ascii_case(prefix) {
+            return None;
+        }
+        let mut rest = &value[prefix.len()..];
+
+        if self.space_separated {
+            let spaces = rest.iter().take_while(|b| **b == b' ').count();
+            if spaces == 0 && rest.first().is_some_and(|b| is_tchar(*b)) {
+                // `Bearerx`: another scheme that starts with the same letters.
+                return None;
+            }
+            rest = &rest[spaces..];
+        }
+        // Field values carry no trailing whitespace (RFC 9110 §5.5), but a
+        // lenient parser may leave some; it is not part of the token.
+        let end = rest
+            .iter()
+            .rposition(|b| !matches!(b, b' ' | b'\t'))
+            .map_or(0, |last| last + 1);
+        let token = &rest[..end];
+
+        if token.is_empty() || !is_b64token(token) {
+            return Some(Err(Reason::MalformedToken));
+        }
+        // `is_b64token` admits ASCII only, so this conversion cannot fail.
+        Some(std::str::from_utf8(token).map_err(|_| Reason::MalformedToken))
+    }
+}
+
+/// RFC 9110 §5.6.2 `tchar`, the characters of an authentication scheme.
+fn is_tchar(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+/// RFC 6750 §2.1 `b64token`: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" /
+/// "+" / "/" ) *"="`. A JWS compact serialization is a subset.
+fn is_b64token(token: &[u8]) -> bool {
+    let body_len = token
+        .iter()
+        .rposition(|b| *b != b'=')
+        .map_or(0, |last| last + 1);
+    body_len > 0
+        && token[..body_len].iter().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
+        })
+}
+
+/// Removes spaces and tabs around `bytes`.
+fn trim_blanks(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t'))
+        .map_or(start, |last| last + 1);
+    &bytes[start..end]
+}
+
+/// Splits a Cookie header (RFC 6265 §4.2.1, `name=value; name=value`) into
+/// pairs of bytes, because other cookies may hold bytes that are not text.
+/// A value in double quotes is returned without them. Pieces without `=`
+/// are skipped.
+fn cookie_pairs(header: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    header.split(|b| *b == b';').filter_map(|pair| {
+        let equals = pair.iter().position(|b| *b == b'=')?;
+        let name = trim_blanks(&pair[..equals]);
+        let value = trim_blanks(&pair[equals + 1..]);
+        let unquoted = value
+            .strip_prefix(b"\"")
+            .and_then(|inner| inner.strip_suffix(b"\""))
+            .unwrap_or(value);
+        Some((name, unquoted))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use http::HeaderValue;
+
+    use super::*;
+    use crate::config::HeaderSource;
+
+    /// Request headers, and the expected result of `extract`.
+    type Case = (
+        Vec<(&'static str, String)>,
+        Result<Option<&'static str>, Reason>,
+    );
+
+    const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln";
+    const OTHER: &str = "eyJhbGciOiJFUzI1NiJ9.e30.c2ln";
+
+    fn workload(headers: &[(&str, &str)], cookies: &[&str]) -> WorkloadConfig {
+        WorkloadConfig {
+            name: "orders".to_owned(),
+            netns: PathBuf::from("/var/run/netns/orders"),
+            ports: vec![8080],
+            from_headers: headers
+                .iter()
+                .map(|(name, prefix)| HeaderSource {
+                    name: (*name).to_owned(),
+                    value_prefix: (*prefix).to_owned(),
+                })
+                .collect(),
+            from_cookies: cookies.iter().map(|c| (*c).to_owned()).collect(),
+            rules: Vec::new(),
+        }
+    }
+
+    fn header_map(pairs: &[(&str, String)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            let name = HeaderName::from_bytes(name.as_bytes()).expect("header name");
+            map.append(
+                name,
+                HeaderValue::from_bytes(value.as_bytes()).expect("header value"),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn default_bearer_cases() {
+        let sources = TokenSources::new(&workload(&[], &[]));
+        let cases: Vec<Case> = vec![
+            (vec![], Ok(None)),
+            (
+                vec![("authorization", format!("Bearer {TOKEN}"))],
+                Ok(Some(TOKEN)),
+            ),
+            (
+                vec![("Authorization", format!("bearer {TOKEN}"))],
+                Ok(Some(TOKEN)),
+            ),
+            (
+                vec![("authorization", format!("BEARER   {TOKEN}"))],
+                Ok(Some(TOKEN)),
+            ),
+            (
+                vec![("authorization", format!("Bearer {TOKEN} "))],
+                Ok(Some(TOKEN)),
+            ),
+            (
+                vec![("authorization", "Basic dXNlcjpwdw==".to_owned())],
+                Ok(None),
+            ),
+            (vec![("authorization", format!("Bearerx{TOKEN}"))], Ok(None)),
+            (vec![("authorization", format!("Bear {TOKEN}"))], Ok(None)),
+            (
+                vec![("authorization", "Bearer".to_owned())],
+                Err(Reason::MalformedToken),
+            ),
+            (
+                vec![("authorization", "Bearer ".to_owned())],
+                Err(Reason::MalformedToken),
+            ),
+            (
+                vec![("authorization", "Bearer    ".to_owned())],
+                Err(Reason::MalformedToken),
+            ),
+            (
+                vec![("authorization", format!("Bearer {TOKEN} extra"))],
+                Err(Reason::MalformedToken),
+            ),
+            (
+                vec![("authorization", format!("Bearer {TOKEN},{OTHER}"))],
+                Err(Reason::MalformedToken),
+            ),
+            (
+                vec![("authorization", format!("Bearer\t{TOKEN}"))],
+                Err(Reason::MalformedToken),
+            ),
+            (
+                vec![("authorization", "Bearer ===".to_owned())],
+                Err(Reason::MalformedToken),
+            ),
+            (
+                vec![
+                    ("authorization", format!("Bearer {TOKEN}")),
+                    ("authorization", format!("Bearer {OTHER}")),
+                ],
+                Err(Reason::MultipleTokens),
+            ),
+            (
+                vec![
+                    ("authorization", format!("Bearer {TOKEN}")),
+                    ("authorization", "Basic dXNlcjpwdw==".to_owned()),
+                ],
+                Err(Reason::MultipleTokens),
+            ),
+            (
+                vec![
+                    ("authorization", "Basic a".to_owned()),
+                    ("authorization", "Basic b".to_owned()),
+                ],
+                Ok(None),
+            ),
+            (vec![("cookie", format!("token={TOKEN}"))], Ok(None)),
+            (vec![("x-token", TOKEN.to_owned())], Ok(None)),
+        ];
+
+        for (pairs, expected) in cases {
+            let headers = header_map(&pairs);
+
+            assert_eq!(sources.extract(&headers), expected, "headers {pairs:?}");
+        }
+    }
+
+    #[test]
+    fn bearer_with_padding_is_token() {
+        let sources = TokenSources::new(&workload(&[], &[]));
+        let headers = header_map(&[("authorization", "Bearer abc+/=".to_owned())]);
+
+        assert_eq!(sources.extract(&headers), Ok(Some("abc+/=")));
+    }
+
+    #[test]
+    fn non_ascii_header_value() {
+        let sources = TokenSources::new(&workload(&[], &[]));
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            AUTHORIZATION,
+            HeaderValue::from_bytes(b"Bearer \xc3\xa4bc").expect("obs-text value"),
+        );
+
+        assert_eq!(sources.extract(&headers), Err(Reason::MalformedToken));
+    }
+
+    #[test]
+    fn cookie_sources() {
+        let sources = TokenSources::new(&workload(&[], &["session", "alt"]));
+        let cases: Vec<Case> = vec![
+            (vec![], Ok(None)),
+            (
+                vec![("cookie", format!("theme=dark; session={TOKEN}"))],
+                Ok(Some(TOKEN)),
+            ),
+            (
+                vec![("cookie", format!("session=\"{TOKEN}\""))],
+                Ok(Some(TOKEN)),
+            ),
+            (
+                vec![
+                    ("cookie", "theme=dark".to_owned()),
+                    ("cookie", format!("session={TOKEN}")),
+                ],
+                Ok(Some(TOKEN)),
+            ),
+            (vec![("cookie", format!("Session={TOKEN}"))], Ok(None)),
+            (
+                vec![("cookie", "session=".to_owned())],
+                Err(Reason::MalformedToken),
+            ),
+            (
+                vec![("cookie", format!("session={TOKEN}; session={OTHER}"))],
+                Err(Reason::MultipleTokens),
+            ),
+            (
+                vec![
+                    ("cookie", format!("session={TOKEN}")),
+                    ("cookie", format!("alt={OTHER}")),
+                ],
+                Err(Reason::MultipleTokens),
+            ),
+            (vec![("authorization", format!("Bearer {TOKEN}"))], Ok(None)),
+        ];
+
+        for (pairs, expected) in cases {
+            let headers = header_map(&pairs);
+
+            assert_eq!(sources.extract(&headers), expected, "headers {pairs:?}");
+        }
+    }
+
+    #[test]
+    fn cookie_header_with_binary_neighbour() {
+        let sources = TokenSources::new(&workload(&[], &["session"]));
+        let mut headers = HeaderMap::new();
+        let value = format!("pref=caf\u{e9}; session={TOKEN}");
+        headers.insert(
+            COOKIE,
+            HeaderValue::from_bytes(value.as_bytes()).expect("obs-text value"),
+        );
+        let mut binary_token = HeaderMap::new();
+        binary_token.insert(
+            COOKIE,
+            HeaderValue::from_bytes(b"session=\xc3\xa4bc").expect("obs-text value"),
+        );
+
+        assert_eq!(sources.extract(&headers), Ok(Some(TOKEN)));
+        assert_eq!(sources.extract(&binary_token), Err(Reason::MalformedToken));
+    }
+
+    #[test]
+    fn header_and_cookie_together() {
+        let sources = TokenSources::new(&workload(&[("Authorization", "Bearer ")], &["session"]));
+        let one = header_map(&[("authorization", format!("Bearer {TOKEN}"))]);
+        let both = header_map(&[
+            ("authorization", format!("Bearer {TOKEN}")),
+            ("cookie", format!("session={TOKEN}")),
+        ]);
+
+        assert_eq!(sources.extract(&one), Ok(Some(TOKEN)));
+        assert_eq!(sources.extract(&both), Err(Reason::MultipleTokens));
+    }
+
+    #[test]
+    fn custom_header_without_prefix() {
+        let sources = TokenSources::new(&workload(&[("X-Jwt-Assertion", "")], &[]));
+        let custom = header_map(&[("x-jwt-assertion", TOKEN.to_owned())]);
+        let empty = header_map(&[("x-jwt-assertion", String::new())]);
+        let bearer_only = header_map(&[("authorization", format!("Bearer {TOKEN}"))]);
+
+        assert_eq!(sources.extract(&custom), Ok(Some(TOKEN)));
+        assert_eq!(sources.extract(&empty), Err(Reason::MalformedToken));
+        assert_eq!(
+            sources.extract(&bearer_only),
+            Ok(None),
+            "configured sources replace the default"
+        );
+    }
+
+    #[test]
+    fn two_configured_headers() {
+        let sources = TokenSources::new(&workload(
+            &[("Authorization", "Bearer "), ("X-Token", "")],
+            &[],
+        ));
+        let both = header_map(&[
+            ("authorization", format!("Bearer {TOKEN}")),
+            ("x-token", OTHER.to_owned()),
+        ]);
+
+        assert_eq!(sources.extract(&both), Err(Reason::MultipleTokens));
     }
 }
