@@ -1,1 +1,261 @@
-//! Placeholder: being written.
+//! Prometheus series of the agent, in one registry that the app owns.
+//!
+//! Owns the series names, labels and buckets. The proxy records verification
+//! times and decisions here; JWKS and steering counters are read from their
+//! owners at scrape time by the collectors in `metrics/`. Labels are bounded
+//! sets (configured issuers and workloads, `Reason` names), never a path or a
+//! subject. Nothing decides through this module.
+
+mod collectors;
+
+use std::sync::Arc;
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+
+use crate::bpf::PodSteering;
+use crate::decision::Reason;
+use crate::jwks::IssuerKeys;
+
+use self::collectors::{IssuerCollector, SteeringCollector};
+
+/// Namespace of every series: the `tokengate_` prefix.
+pub const NAMESPACE: &str = "tokengate";
+
+/// Buckets of the verification-duration histogram, in seconds. An RS256 or
+/// ES256 check takes tens of microseconds; 100 ms catches a stalled one.
+pub const VERIFICATION_BUCKETS: [f64; 13] = [
+    0.000_010, 0.000_025, 0.000_050, 0.000_100, 0.000_250, 0.000_500, 0.001, 0.002_5, 0.005, 0.010,
+    0.025, 0.050, 0.100,
+];
+
+/// `result` label of a verification that succeeded; failures carry the
+/// `Reason` name instead.
+pub const RESULT_VALID: &str = "valid";
+
+/// `issuer` label for a token whose `iss` names no configured issuer. The raw
+/// value comes from the caller and would make the label set unbounded.
+pub const ISSUER_UNKNOWN: &str = "unknown";
+
+/// Failure to create or register a series.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("failed to register metric {name}")]
+    Register {
+        name: &'static str,
+        #[source]
+        source: prometheus::Error,
+    },
+}
+
+/// The agent's series and the registry they live in. Cloning shares them.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    verification_duration: HistogramVec,
+    decisions: IntCounterVec,
+    audit_events_dropped: IntCounter,
+    steering: SteeringCollector,
+}
+
+impl Metrics {
+    /// Creates the registry and registers every series that does not depend
+    /// on configuration.
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+
+        let verification_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "verification_duration_seconds",
+                "Time spent verifying one token, by issuer and result.",
+            )
+            .namespace(NAMESPACE)
+            .buckets(VERIFICATION_BUCKETS.to_vec()),
+            &["issuer", "result"],
+        )
+        .map_err(|source| MetricsError::Register {
+            name: "verification_duration_seconds",
+            source,
+        })?;
+        register(
+            &registry,
+            "verification_duration_seconds",
+            verification_duration.clone(),
+        )?;
+
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "decisions_total",
+                "Requests and connections decided, by workload, decision and reason.",
+            )
+            .namespace(NAMESPACE),
+            &["workload", "decision", "reason"],
+        )
+        .map_err(|source| MetricsError::Register {
+            name: "decisions_total",
+            source,
+        })?;
+        register(&registry, "decisions_total", decisions.clone())?;
+
+        let audit_events_dropped = IntCounter::with_opts(
+            Opts::new(
+                "audit_events_dropped_total",
+                "Audit events dropped because the audit queue was full.",
+            )
+            .namespace(NAMESPACE),
+        )
+        .map_err(|source| MetricsError::Register {
+            name: "audit_events_dropped_total",
+            source,
+        })?;
+        register(
+            &registry,
+            "audit_events_dropped_total",
+            audit_events_dropped.clone(),
+        )?;
+
+        let steering = SteeringCollector::new();
+        register(&registry, "steering_connections_total", steering.clone())?;
+
+        Ok(Self {
+            registry,
+            verification_duration,
+            decisions,
+            audit_events_dropped,
+            steering,
+        })
+    }
+
+    /// Returns the registry that `/metrics` encodes.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Registers the JWKS series, read from `issuers` at every scrape.
+    pub fn register_issuers(&self, issuers: Vec<Arc<IssuerKeys>>) -> Result<(), MetricsError> {
+        register(&self.registry, "jwks_*", IssuerCollector::new(issuers))
+    }
+
+    /// Creates the decision series of `workload` at zero, so that rates exist
+    /// before the first request.
+    pub fn register_workload(&self, workload: &str) {
+        for reason in Reason::ALL {
+            self.decisions.with_label_values(&[
+                workload,
+                reason.decision().as_str(),
+                reason.as_str(),
+            ]);
+        }
+    }
+
+    /// Exports the steering counters of `workload`, read at every scrape.
+    pub fn add_steering(&self, workload: &str, steering: Arc<PodSteering>) {
+        self.steering.add(workload, steering);
+    }
+
+    /// Records one verification. `issuer` must be a configured issuer or
+    /// [`ISSUER_UNKNOWN`]; `result` is [`RESULT_VALID`] or a `Reason` name.
+    pub fn observe_verification(&self, issuer: &str, result: &str, seconds: f64) {
+        self.verification_duration
+            .with_label_values(&[issuer, result])
+            .observe(seconds);
+    }
+
+    /// Counts one decision.
+    pub fn record_decision(&self, workload: &str, reason: Reason) {
+        self.decisions
+            .with_label_values(&[workload, reason.decision().as_str(), reason.as_str()])
+            .inc();
+    }
+
+    /// Returns the counter of audit events lost to a full queue.
+    pub fn audit_events_dropped(&self) -> IntCounter {
+        self.audit_events_dropped.clone()
+    }
+}
+
+fn register<C>(registry: &Registry, name: &'static str, collector: C) -> Result<(), MetricsError>
+where
+    C: prometheus::core::Collector + 'static,
+{
+    registry
+        .register(Box::new(collector))
+        .map_err(|source| MetricsError::Register { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus::{Encoder, TextEncoder};
+
+    use super::*;
+
+    fn encode(metrics: &Metrics) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&metrics.registry().gather(), &mut out)
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn decision_counter_has_labels() {
+        let metrics = Metrics::new().unwrap();
+
+        metrics.record_decision("orders", Reason::Expired);
+        metrics.record_decision("orders", Reason::Expired);
+
+        let text = encode(&metrics);
+        assert!(
+            text.contains(
+                r#"tokengate_decisions_total{decision="deny",reason="expired",workload="orders"} 2"#
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn workload_series_start_at_zero() {
+        let metrics = Metrics::new().unwrap();
+
+        metrics.register_workload("orders");
+
+        let text = encode(&metrics);
+        assert!(
+            text.contains(r#"tokengate_decisions_total{decision="allow",reason="allowed",workload="orders"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tokengate_decisions_total{decision="deny",reason="missing_token",workload="orders"} 0"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn histogram_uses_explicit_buckets() {
+        let metrics = Metrics::new().unwrap();
+
+        metrics.observe_verification("https://issuer.test", RESULT_VALID, 0.000_04);
+
+        let text = encode(&metrics);
+        assert!(
+            text.contains(
+                r#"tokengate_verification_duration_seconds_bucket{issuer="https://issuer.test",result="valid",le="0.00001"} 0"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"tokengate_verification_duration_seconds_bucket{issuer="https://issuer.test",result="valid",le="0.00005"} 1"#
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn dropped_audit_counter_is_exported() {
+        let metrics = Metrics::new().unwrap();
+
+        metrics.audit_events_dropped().inc_by(3);
+
+        assert!(encode(&metrics).contains("tokengate_audit_events_dropped_total 3"));
+    }
+}

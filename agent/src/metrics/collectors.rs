@@ -1,0 +1,202 @@
+//! Collectors that read counters owned elsewhere at scrape time: the JWKS
+//! fetch state of each issuer and the per-CPU counters of each pod's
+//! `sk_lookup` program.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts};
+
+use super::NAMESPACE;
+use crate::bpf::PodSteering;
+use crate::jwks::IssuerKeys;
+
+/// `tokengate_jwks_*` series, one set per configured issuer.
+pub(super) struct IssuerCollector {
+    issuers: Vec<Arc<IssuerKeys>>,
+    /// Scratch series rebuilt under the lock at every scrape, so two
+    /// concurrent scrapes cannot interleave their resets.
+    series: Mutex<IssuerSeries>,
+    descs: Vec<Desc>,
+}
+
+struct IssuerSeries {
+    fetches: IntCounterVec,
+    keys: IntGaugeVec,
+    last_success: GaugeVec,
+}
+
+impl IssuerCollector {
+    pub(super) fn new(issuers: Vec<Arc<IssuerKeys>>) -> Self {
+        let series = IssuerSeries {
+            fetches: IntCounterVec::new(
+                Opts::new("jwks_fetches_total", "JWKS fetches by issuer and result (success or failure).")
+                    .namespace(NAMESPACE),
+                &["issuer", "result"],
+            )
+            .expect("static metric options are valid"),
+            keys: IntGaugeVec::new(
+                Opts::new("jwks_keys", "Keys in the issuer's current key set.").namespace(NAMESPACE),
+                &["issuer"],
+            )
+            .expect("static metric options are valid"),
+            last_success: GaugeVec::new(
+                Opts::new(
+                    "jwks_last_success_timestamp_seconds",
+                    "Unix time of the issuer's last successful JWKS fetch; absent before the first.",
+                )
+                .namespace(NAMESPACE),
+                &["issuer"],
+            )
+            .expect("static metric options are valid"),
+        };
+        let descs = [
+            series.fetches.desc(),
+            series.keys.desc(),
+            series.last_success.desc(),
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+
+        Self {
+            issuers,
+            series: Mutex::new(series),
+            descs,
+        }
+    }
+}
+
+impl Collector for IssuerCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        series.fetches.reset();
+        series.keys.reset();
+        series.last_success.reset();
+
+        for keys in &self.issuers {
+            let issuer = keys.config.issuer.as_str();
+            let stats = keys.stats();
+            series
+                .fetches
+                .with_label_values(&[issuer, "success"])
+                .inc_by(stats.fetch_success);
+            series
+                .fetches
+                .with_label_values(&[issuer, "failure"])
+                .inc_by(stats.fetch_failure);
+            series
+                .keys
+                .with_label_values(&[issuer])
+                .set(i64::try_from(stats.keys).unwrap_or(i64::MAX));
+            if let Some(unix) = stats.last_success_unix {
+                #[expect(
+                    clippy::cast_precision_loss,
+                    reason = "Unix seconds fit a 53-bit mantissa"
+                )]
+                series
+                    .last_success
+                    .with_label_values(&[issuer])
+                    .set(unix as f64);
+            }
+        }
+
+        let mut families = series.fetches.collect();
+        families.extend(series.keys.collect());
+        families.extend(series.last_success.collect());
+        families
+    }
+}
+
+/// `tokengate_steering_connections_total`, one set per attached workload.
+#[derive(Clone)]
+pub(super) struct SteeringCollector {
+    inner: Arc<SteeringInner>,
+}
+
+struct SteeringInner {
+    pods: Mutex<Vec<(String, Arc<PodSteering>)>>,
+    series: Mutex<IntCounterVec>,
+    desc: Desc,
+}
+
+impl SteeringCollector {
+    pub(super) fn new() -> Self {
+        let series = IntCounterVec::new(
+            Opts::new(
+                "steering_connections_total",
+                "New connections seen by the pod's sk_lookup program, by verdict (steered, passed, dropped).",
+            )
+            .namespace(NAMESPACE),
+            &["workload", "verdict"],
+        )
+        .expect("static metric options are valid");
+        let desc = series.desc()[0].clone();
+
+        Self {
+            inner: Arc::new(SteeringInner {
+                pods: Mutex::new(Vec::new()),
+                series: Mutex::new(series),
+                desc,
+            }),
+        }
+    }
+
+    pub(super) fn add(&self, workload: &str, steering: Arc<PodSteering>) {
+        let mut pods = self
+            .inner
+            .pods
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        pods.retain(|(name, _)| name != workload);
+        pods.push((workload.to_owned(), steering));
+    }
+}
+
+impl Collector for SteeringCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.inner.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let pods = self
+            .inner
+            .pods
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let series = self
+            .inner
+            .series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        series.reset();
+
+        for (workload, steering) in &pods {
+            match steering.counters() {
+                Ok(counters) => {
+                    series
+                        .with_label_values(&[workload, "steered"])
+                        .inc_by(counters.steered);
+                    series
+                        .with_label_values(&[workload, "passed"])
+                        .inc_by(counters.passed);
+                    series
+                        .with_label_values(&[workload, "dropped"])
+                        .inc_by(counters.dropped);
+                }
+                Err(error) => {
+                    tracing::warn!(workload = %workload, error = format!("{error:#}"), "failed to read steering counters");
+                }
+            }
+        }
+
+        series.collect()
+    }
+}

@@ -1,0 +1,245 @@
+//! One steered caller connection: the destination check, the HTTP/1.1
+//! server connection and the handling of each request on it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::authorize::Authorization;
+use super::forward::Forwarder;
+use super::headers::{prepare_request, prepare_response};
+use super::respond::{deny, ProxyBody};
+use super::{Shutdown, Upstream, WorkloadProxy};
+use crate::audit::AuditEvent;
+use crate::decision::Reason;
+
+/// Time a caller has to send a request's header section. hyper's default;
+/// it bounds how long a slow caller can hold a connection open without
+/// sending a request.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves one accepted connection until the caller closes it, an error
+/// ends it, or shutdown lets its current request finish.
+pub(super) async fn serve_connection<U: Upstream>(
+    proxy: Arc<WorkloadProxy>,
+    upstream: Arc<U>,
+    stream: TcpStream,
+    source: SocketAddr,
+    mut shutdown: Shutdown,
+) {
+    // With sk_lookup steering the accepted socket's local address is the
+    // address the caller connected to.
+    let destination = match stream.local_addr() {
+        Ok(local) => canonical(local),
+        Err(error) => {
+            tracing::warn!(%error, "failed to read the original destination, closing");
+            return;
+        }
+    };
+    let source = canonical(source);
+
+    if !proxy.ports.contains(&destination.port()) {
+        // Only a caller that found the listener's own address gets here; the
+        // program steers protected ports only.
+        // NOTE: `Reason` has no variant for a connection to an unprotected
+        // port, so it is audited as the default deny.
+        tracing::warn!(%destination, "connection to a port the workload does not protect, closing");
+        proxy.record(AuditEvent::new(
+            &proxy.name,
+            Reason::NoRuleMatched,
+            source,
+            destination,
+        ));
+        return;
+    }
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "failed to set TCP_NODELAY on the caller connection");
+    }
+
+    let context = Arc::new(RequestContext {
+        forwarder: Forwarder::new(upstream, destination),
+        proxy: Arc::clone(&proxy),
+        source,
+        destination,
+    });
+    let service = service_fn(move |request| {
+        let context = Arc::clone(&context);
+        async move { Ok::<_, Infallible>(context.handle(request).await) }
+    });
+
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = shutdown.signalled() => {
+            // Finish the request in flight, then close instead of waiting
+            // for the next one.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+
+    match result {
+        Ok(()) => tracing::debug!("connection closed"),
+        Err(error) if error.is_parse() || error.is_incomplete_message() => {
+            // hyper has already sent 400 (or 431, 414) unless the bytes
+            // looked like an HTTP/2 preface or the caller left mid-request.
+            tracing::debug!(%error, "malformed request, connection closed");
+            let mut event =
+                AuditEvent::new(&proxy.name, Reason::MalformedRequest, source, destination);
+            if error.is_parse() && !error.is_parse_version_h2() {
+                event.status = Some(StatusCode::BAD_REQUEST.as_u16());
+            }
+            proxy.record(event);
+        }
+        Err(error) if error.is_timeout() => {
+            tracing::debug!(%error, "caller too slow to send a request");
+        }
+        Err(error) => tracing::debug!(%error, "connection ended with an error"),
+    }
+}
+
+/// Per-connection state that each request's handler reads.
+struct RequestContext<U> {
+    proxy: Arc<WorkloadProxy>,
+    forwarder: Forwarder<U>,
+    source: SocketAddr,
+    destination: SocketAddr,
+}
+
+impl<U: Upstream> RequestContext<U> {
+    /// Decides one request, then forwards it or rejects it.
+    async fn handle(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
+        let proxy = &self.proxy;
+        let mut event = AuditEvent::new(
+            &proxy.name,
+            Reason::MissingToken,
+            self.source,
+            self.destination,
+        );
+        event.method = Some(request.method().as_str().to_owned());
+        event.path = Some(request.uri().path().to_owned());
+
+        let authorization = proxy
+            .authorize(
+                request.method().as_str(),
+                request.uri().path(),
+                request.headers(),
+            )
+            .await;
+        let reason = authorization.reason;
+        fill_event(&mut event, authorization);
+
+        if reason != Reason::Allowed {
+            tracing::debug!(
+                reason = reason.as_str(),
+                path = event.path.as_deref(),
+                "request denied"
+            );
+            let response = deny(reason);
+            event.status = Some(response.status().as_u16());
+            proxy.record(event);
+            return response;
+        }
+
+        prepare_request(&mut request, self.source.ip(), &proxy.token_headers);
+        match self.forwarder.send(request).await {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                prepare_response(&mut parts.headers);
+                event.status = Some(parts.status.as_u16());
+                proxy.record(event);
+                tracing::debug!(status = parts.status.as_u16(), "request forwarded");
+                Response::from_parts(parts, Either::Left(body))
+            }
+            Err(error) => {
+                tracing::warn!(
+                    workload = %proxy.name,
+                    destination = %self.destination,
+                    error = %error_chain(&error),
+                    "failed to forward an allowed request"
+                );
+                let response = deny(Reason::UpstreamUnavailable);
+                event.reason = Reason::UpstreamUnavailable;
+                event.decision = Reason::UpstreamUnavailable.decision();
+                event.status = Some(response.status().as_u16());
+                proxy.record(event);
+                response
+            }
+        }
+    }
+}
+
+fn fill_event(event: &mut AuditEvent, authorization: Authorization) {
+    event.reason = authorization.reason;
+    event.decision = authorization.reason.decision();
+    event.issuer = authorization.issuer;
+    event.subject = authorization.subject;
+    event.token_fingerprint = authorization.token_fingerprint;
+    event.verification_seconds = authorization.verification_seconds;
+    event.rule = authorization.rule;
+}
+
+/// Formats `error` with its sources, outermost first.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Maps an IPv4-mapped IPv6 address to plain IPv4, so audit lines and the
+/// upstream connection use the family the caller used.
+fn canonical(address: SocketAddr) -> SocketAddr {
+    SocketAddr::new(address.ip().to_canonical(), address.port())
+}
+
+impl WorkloadProxy {
+    /// Counts the decision and queues its audit event.
+    fn record(&self, event: AuditEvent) {
+        self.shared
+            .metrics
+            .record_decision(&self.name, event.reason);
+        self.shared.audit.record(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    #[test]
+    fn mapped_address_becomes_ipv4() {
+        let mapped = SocketAddr::new(
+            IpAddr::V6(Ipv4Addr::new(198, 18, 0, 2).to_ipv6_mapped()),
+            8080,
+        );
+        let plain_v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 8080);
+
+        assert_eq!(
+            canonical(mapped),
+            "198.18.0.2:8080".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(canonical(plain_v6), plain_v6);
+    }
+}
