@@ -32,10 +32,17 @@ impl Decision {
 pub enum Reason {
     /// A rule matched and the verified token met its requirements.
     Allowed,
+    /// A public rule matched; no token was needed or checked.
+    Public,
+    /// A rule that lets anonymous callers through matched, and the request
+    /// went on without identity headers (missing, or failed when allowed).
+    Anonymous,
     /// No token in any configured location.
     MissingToken,
     /// More than one token in the request (two headers, or header and cookie).
     MultipleTokens,
+    /// The token is longer than the issuer's or the agent's maximum size.
+    TokenTooLarge,
     /// Not a well-formed JWS compact serialization, or bad JSON inside.
     MalformedToken,
     /// `alg` is `none`, not in the issuer's allow-list, or does not fit the key.
@@ -54,6 +61,12 @@ pub enum Reason {
     NotYetValid,
     /// `aud` matches no configured audience.
     AudienceMismatch,
+    /// A claim the issuer requires is missing or has the wrong type or form
+    /// (`exp` as a string, `typ` or `sub` not as required, lifetime too long).
+    InvalidClaims,
+    /// The token's `jti`, or its subject at its `iat`, is on the revocation
+    /// list.
+    Revoked,
     /// No rule matches the method and path (default deny).
     NoRuleMatched,
     /// A required claim value is absent.
@@ -66,14 +79,20 @@ pub enum Reason {
     MalformedRequest,
     /// The service could not be reached after the request was allowed.
     UpstreamUnavailable,
+    /// A connection reached the agent's listener for a port the workload does
+    /// not protect. It is closed without an HTTP response.
+    UnprotectedPort,
 }
 
 impl Reason {
     /// Every reason, for tests and for pre-registering metric labels.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 24] = [
         Self::Allowed,
+        Self::Public,
+        Self::Anonymous,
         Self::MissingToken,
         Self::MultipleTokens,
+        Self::TokenTooLarge,
         Self::MalformedToken,
         Self::AlgorithmNotAllowed,
         Self::UnknownIssuer,
@@ -83,19 +102,25 @@ impl Reason {
         Self::Expired,
         Self::NotYetValid,
         Self::AudienceMismatch,
+        Self::InvalidClaims,
+        Self::Revoked,
         Self::NoRuleMatched,
         Self::ClaimMismatch,
         Self::MissingRole,
         Self::MissingScope,
         Self::MalformedRequest,
         Self::UpstreamUnavailable,
+        Self::UnprotectedPort,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Allowed => "allowed",
+            Self::Public => "public",
+            Self::Anonymous => "anonymous",
             Self::MissingToken => "missing_token",
             Self::MultipleTokens => "multiple_tokens",
+            Self::TokenTooLarge => "token_too_large",
             Self::MalformedToken => "malformed_token",
             Self::AlgorithmNotAllowed => "algorithm_not_allowed",
             Self::UnknownIssuer => "unknown_issuer",
@@ -105,12 +130,15 @@ impl Reason {
             Self::Expired => "expired",
             Self::NotYetValid => "not_yet_valid",
             Self::AudienceMismatch => "audience_mismatch",
+            Self::InvalidClaims => "invalid_claims",
+            Self::Revoked => "revoked",
             Self::NoRuleMatched => "no_rule_matched",
             Self::ClaimMismatch => "claim_mismatch",
             Self::MissingRole => "missing_role",
             Self::MissingScope => "missing_scope",
             Self::MalformedRequest => "malformed_request",
             Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::UnprotectedPort => "unprotected_port",
         }
     }
 
@@ -118,11 +146,14 @@ impl Reason {
     ///
     /// RFC 6750 §3.1: a missing or invalid token is 401 `invalid_token`, a
     /// valid token without the needed rights is 403 `insufficient_scope`.
+    /// For the reasons that allow, it is the status of a successful forward;
+    /// the service's own status is what the caller receives.
     pub fn status(self) -> u16 {
         match self {
-            Self::Allowed => 200,
+            Self::Allowed | Self::Public | Self::Anonymous => 200,
             Self::MissingToken
             | Self::MultipleTokens
+            | Self::TokenTooLarge
             | Self::MalformedToken
             | Self::AlgorithmNotAllowed
             | Self::UnknownIssuer
@@ -131,10 +162,16 @@ impl Reason {
             | Self::InvalidSignature
             | Self::Expired
             | Self::NotYetValid
-            | Self::AudienceMismatch => 401,
-            Self::NoRuleMatched | Self::ClaimMismatch | Self::MissingRole | Self::MissingScope => {
-                403
-            }
+            | Self::AudienceMismatch
+            | Self::InvalidClaims
+            | Self::Revoked => 401,
+            // UnprotectedPort never produces a response: the connection is
+            // closed. 403 is what it would be if one were sent.
+            Self::NoRuleMatched
+            | Self::ClaimMismatch
+            | Self::MissingRole
+            | Self::MissingScope
+            | Self::UnprotectedPort => 403,
             Self::MalformedRequest => 400,
             Self::UpstreamUnavailable => 502,
         }
@@ -146,8 +183,11 @@ impl Reason {
     pub fn description(self) -> &'static str {
         match self {
             Self::Allowed => "request allowed",
+            Self::Public => "public route",
+            Self::Anonymous => "anonymous request passed on",
             Self::MissingToken => "no bearer token in the request",
             Self::MultipleTokens => "more than one token in the request",
+            Self::TokenTooLarge => "the token is too large",
             Self::MalformedToken => "the token is not a well-formed JWT",
             Self::AlgorithmNotAllowed => "the token's signing algorithm is not accepted",
             Self::UnknownIssuer => "the token's issuer is not trusted",
@@ -157,20 +197,22 @@ impl Reason {
             Self::Expired => "the token has expired",
             Self::NotYetValid => "the token is not valid yet",
             Self::AudienceMismatch => "the token is not meant for this service",
+            Self::InvalidClaims => "the token's claims are invalid",
+            Self::Revoked => "the token has been revoked",
             Self::NoRuleMatched => "no rule allows this request",
             Self::ClaimMismatch => "the token lacks a required claim value",
             Self::MissingRole => "the token lacks a required role",
             Self::MissingScope => "the token lacks a required scope",
             Self::MalformedRequest => "the request is not valid HTTP/1.1",
             Self::UpstreamUnavailable => "the service is unavailable",
+            Self::UnprotectedPort => "the port is not protected by this workload",
         }
     }
 
     pub fn decision(self) -> Decision {
-        if self == Self::Allowed {
-            Decision::Allow
-        } else {
-            Decision::Deny
+        match self {
+            Self::Allowed | Self::Public | Self::Anonymous => Decision::Allow,
+            _ => Decision::Deny,
         }
     }
 }
@@ -188,9 +230,12 @@ mod tests {
     }
 
     #[test]
-    fn only_allowed_allows() {
+    fn only_success_reasons_allow() {
+        let allowing = [Reason::Allowed, Reason::Public, Reason::Anonymous];
         for reason in Reason::ALL {
-            assert_eq!(reason == Reason::Allowed, reason.decision() == Decision::Allow, "{reason:?}");
+            let allows = reason.decision() == Decision::Allow;
+            assert_eq!(allowing.contains(&reason), allows, "{reason:?}");
+            assert_eq!(allows, reason.status() == 200, "{reason:?}");
         }
     }
 }

@@ -50,12 +50,10 @@ pub(super) async fn serve_connection<U: Upstream>(
     if !proxy.ports.contains(&destination.port()) {
         // Only a caller that found the listener's own address gets here; the
         // program steers protected ports only.
-        // NOTE: `Reason` has no variant for a connection to an unprotected
-        // port, so it is audited as the default deny.
         tracing::warn!(%destination, "connection to a port the workload does not protect, closing");
         proxy.record(AuditEvent::new(
             &proxy.name,
-            Reason::NoRuleMatched,
+            Reason::UnprotectedPort,
             source,
             destination,
         ));
