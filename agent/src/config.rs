@@ -7,6 +7,7 @@
 mod error;
 mod locate;
 mod path;
+mod rule;
 mod summary;
 mod validate;
 
@@ -16,6 +17,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use error::{ConfigError, Problem};
+pub use rule::{
+    ClaimHeader, ClaimRequirement, CorsPreflight, ForwardMode, Requirement, RuleConfig, SegmentClaim,
+};
 pub(crate) use summary::redact_url;
 
 /// Admin listener address. Port 15021 is where Istio's sidecars and ztunnel
@@ -43,6 +47,28 @@ pub const DEFAULT_CLOCK_SKEW_SECONDS: u64 = 60;
 /// 10 minutes; 5 minutes halves the time a rotated key goes unnoticed.
 pub const DEFAULT_JWKS_REFRESH_SECONDS: u64 = 300;
 
+/// Lower bound on the lifetime taken from `Cache-Control: max-age`, in
+/// seconds. An issuer that sends `max-age=0` would otherwise be fetched
+/// without pause; one minute keeps each agent at one request per minute.
+pub const DEFAULT_JWKS_MIN_REFRESH_SECONDS: u64 = 60;
+
+/// Upper bound on the lifetime taken from `Cache-Control: max-age`, in
+/// seconds. A `max-age` of a day would leave a newly published key unseen
+/// that long, except through unknown-`kid` refetches; one hour bounds it.
+pub const DEFAULT_JWKS_MAX_REFRESH_SECONDS: u64 = 3600;
+
+/// How long past its lifetime a key set stays in use while the issuer is
+/// down, slow or returning invalid responses, in seconds. One day rides out
+/// an outage over a night or a weekend day, and bounds how long a key the
+/// issuer withdrew during the outage is still trusted.
+pub const DEFAULT_JWKS_MAX_STALE_SECONDS: u64 = 86_400;
+
+/// Longest token accepted, in bytes, unless the issuer sets its own
+/// `max_token_bytes`. nginx rejects request header lines over 8 KiB by
+/// default (`large_client_header_buffers 4 8k`), so tokens that work
+/// behind common proxies stay below this.
+pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8192;
+
 /// Minimum time between two refetches caused by an unknown `kid`, in
 /// seconds, so a flood of random `kid`s cannot become a flood on the issuer.
 pub const DEFAULT_UNKNOWN_KID_REFETCH_SECONDS: u64 = 30;
@@ -59,11 +85,31 @@ pub const DEFAULT_DRAIN_SECONDS: u64 = 20;
 pub const DEFAULT_ROLES_CLAIM: &str = "roles";
 
 /// Signature algorithms an issuer may list: the asymmetric JWS algorithms
-/// of RFC 7518 §3.1 that jsonwebtoken verifies. `none` and the HMAC
-/// algorithms are left out on purpose, see `validate::check_algorithms`.
+/// of RFC 7518 §3.1 that jsonwebtoken verifies. `none` is left out on
+/// purpose, see `validate::check_algorithms`; the HMAC algorithms are in
+/// [`HMAC_ALGORITHMS`] because they need `hmac_secret_file`.
 pub const ACCEPTED_ALGORITHMS: [&str; 9] = [
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
 ];
+
+/// HMAC algorithms (RFC 7518 §3.2), accepted only from an issuer with
+/// `hmac_secret_file`.
+pub const HMAC_ALGORITHMS: [&str; 3] = ["HS256", "HS384", "HS512"];
+
+/// Period of the revocation list refresh, in seconds: the longest a
+/// forced logout waits to take effect. One small request per node every
+/// 10 s is cheap for any static file server.
+pub const DEFAULT_REVOCATION_REFRESH_SECONDS: u64 = 10;
+
+/// Timeout of one revocation list request, in seconds. Shorter than the
+/// refresh period, so a hanging server does not delay the next refresh.
+pub const DEFAULT_REVOCATION_TIMEOUT_SECONDS: u64 = 5;
+
+/// Maximum entries of the verified-token cache. With a claims set of about
+/// 2 KiB per entry this caps the cache near 20 MiB, and it still fits every
+/// live token of a node whose callers present 10 000 distinct tokens per
+/// token lifetime.
+pub const DEFAULT_CACHE_MAX_ENTRIES: usize = 10_000;
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Deserialize)]
@@ -79,6 +125,10 @@ pub struct Config {
     pub drain_seconds: u64,
     pub issuers: Vec<IssuerConfig>,
     pub workloads: Vec<WorkloadConfig>,
+    #[serde(default)]
+    pub revocation: RevocationConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
 }
 
 /// The admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
@@ -137,14 +187,91 @@ impl Default for InterceptionConfig {
     }
 }
 
+/// Sources of the revocation list. With both `file` and `url` the list in
+/// force is the union of the two. With neither, nothing is revoked.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationConfig {
+    /// Local JSON file, read again whenever its modification time, size or
+    /// content changes.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// HTTP or HTTPS URL polled for the list.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Period of the file check and of the URL poll, in seconds.
+    #[serde(default = "default_revocation_refresh_seconds")]
+    pub refresh_seconds: u64,
+    /// Timeout of one request to `url`, in seconds.
+    #[serde(default = "default_revocation_timeout_seconds")]
+    pub timeout_seconds: u64,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        Self {
+            file: None,
+            url: None,
+            refresh_seconds: DEFAULT_REVOCATION_REFRESH_SECONDS,
+            timeout_seconds: DEFAULT_REVOCATION_TIMEOUT_SECONDS,
+        }
+    }
+}
+
+/// The verified-token cache, which saves the signature check of a token
+/// seen before.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Maximum number of cached tokens; the least recently used one (by the
+    /// CLOCK approximation) is evicted beyond it.
+    #[serde(default = "default_cache_max_entries")]
+    pub max_entries: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_entries: DEFAULT_CACHE_MAX_ENTRIES,
+        }
+    }
+}
+
 /// One token issuer, as in Envoy's `JwtProvider` or Istio's `JWTRule`.
+///
+/// Keys come from exactly one of `jwks_uri`, `discovery`/`discovery_uri`,
+/// `jwks_file` and `jwks`; an issuer with `hmac_secret_file` may have none
+/// of them when it only signs with HMAC.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
     /// Exact `iss` value of this issuer's tokens.
     pub issuer: String,
     /// HTTP or HTTPS URL of the issuer's JWKS.
-    pub jwks_uri: String,
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// Find the JWKS through OIDC discovery at
+    /// `<issuer>/.well-known/openid-configuration`.
+    #[serde(default)]
+    pub discovery: bool,
+    /// OIDC discovery document at another URL than the one derived from
+    /// `issuer`; implies discovery.
+    #[serde(default)]
+    pub discovery_uri: Option<String>,
+    /// Local JWKS file, read at start and again at every refresh.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// JWKS written into the configuration, as a YAML mapping or a JSON
+    /// string. Kept as JSON; `jwks::KeySet` parses it.
+    #[serde(default)]
+    pub jwks: Option<serde_json::Value>,
+    /// File whose whole content, byte for byte, is the HMAC secret shared
+    /// with the issuer. Required for HS256/384/512 and never logged.
+    #[serde(default)]
+    pub hmac_secret_file: Option<PathBuf>,
     /// Accepted `aud` values; a token must carry at least one. Empty means
     /// the audience is not checked.
     #[serde(default)]
@@ -154,9 +281,21 @@ pub struct IssuerConfig {
     /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
     #[serde(default = "default_clock_skew_seconds")]
     pub clock_skew_seconds: u64,
-    /// Period of the background JWKS refresh, in seconds.
+    /// Lifetime of a fetched key set when the response has no
+    /// `Cache-Control: max-age`, and of a set read from `jwks_file`, in
+    /// seconds. Used as written, because the operator chose it.
     #[serde(default = "default_jwks_refresh_seconds")]
     pub jwks_refresh_seconds: u64,
+    /// Lower bound on the lifetime taken from `max-age`, in seconds.
+    #[serde(default = "default_jwks_min_refresh_seconds")]
+    pub jwks_min_refresh_seconds: u64,
+    /// Upper bound on the lifetime taken from `max-age`, in seconds.
+    #[serde(default = "default_jwks_max_refresh_seconds")]
+    pub jwks_max_refresh_seconds: u64,
+    /// How long past its lifetime a key set stays in use while refreshes
+    /// fail, in seconds. After that its keys are dropped.
+    #[serde(default = "default_jwks_max_stale_seconds")]
+    pub jwks_max_stale_seconds: u64,
     /// Minimum time between refetches caused by an unknown `kid`, in seconds.
     #[serde(default = "default_unknown_kid_refetch_seconds")]
     pub unknown_kid_refetch_seconds: u64,
@@ -166,6 +305,50 @@ pub struct IssuerConfig {
     /// Claim that holds the caller's roles (dotted path for nested objects).
     #[serde(default = "default_roles_claim")]
     pub roles_claim: String,
+    /// Reject tokens without `exp` (RFC 7519 §4.1.4).
+    #[serde(default = "default_true")]
+    pub require_exp: bool,
+    /// When not empty, `sub` must start with one of these, for example
+    /// `spiffe://cluster.local/ns/`.
+    #[serde(default)]
+    pub subject_prefixes: Vec<String>,
+    /// Required header `typ`, for example `at+jwt` (RFC 9068 §2.1);
+    /// compared case-insensitively, with or without `application/`.
+    #[serde(default)]
+    pub required_typ: Option<String>,
+    /// Longest token accepted from this issuer, in bytes.
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
+    /// Longest accepted lifetime, `exp - iat` (or `exp - now` without
+    /// `iat`), in seconds; no limit when absent.
+    #[serde(default)]
+    pub max_lifetime_seconds: Option<u64>,
+}
+
+impl IssuerConfig {
+    /// Describes where the keys come from, for logs: URLs without
+    /// credentials, file paths, and never the HMAC secret itself.
+    pub fn key_source_summary(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(uri) = &self.jwks_uri {
+            parts.push(format!("jwks_uri:{}", redact_url(uri)));
+        }
+        if let Some(uri) = &self.discovery_uri {
+            parts.push(format!("discovery:{}", redact_url(uri)));
+        } else if self.discovery {
+            parts.push("discovery:issuer".to_owned());
+        }
+        if let Some(file) = &self.jwks_file {
+            parts.push(format!("jwks_file:{}", file.display()));
+        }
+        if self.jwks.is_some() {
+            parts.push("inline".to_owned());
+        }
+        if self.hmac_secret_file.is_some() {
+            parts.push("hmac_secret_file".to_owned());
+        }
+        parts.join("+")
+    }
 }
 
 /// One protected pod: its network namespace, ports, token sources and rules.
@@ -186,6 +369,17 @@ pub struct WorkloadConfig {
     /// Names of cookies that carry the token.
     #[serde(default)]
     pub from_cookies: Vec<String>,
+    /// What the service receives of a verified token.
+    #[serde(default)]
+    pub forward: ForwardMode,
+    /// Verified claims copied into request headers for the service. Every
+    /// incoming header of these names is removed from every forwarded
+    /// request, so a caller cannot forge them.
+    #[serde(default)]
+    pub claim_to_headers: Vec<ClaimHeader>,
+    /// Whether CORS preflight requests pass without a token.
+    #[serde(default)]
+    pub cors_preflight: CorsPreflight,
     /// Ordered rules; the first rule whose path and method match decides.
     /// A request that no rule matches is denied.
     #[serde(default)]
@@ -204,29 +398,6 @@ pub struct HeaderSource {
     pub value_prefix: String,
 }
 
-/// One authorization rule: which requests it matches and what it requires.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleConfig {
-    /// Matches when the normalised request path starts with this prefix at a
-    /// segment boundary (`/orders` matches `/orders` and `/orders/7`, not
-    /// `/ordersX`).
-    pub path_prefix: String,
-    /// Matching methods; any method when empty.
-    #[serde(default)]
-    pub methods: Vec<String>,
-    /// Claim path to accepted values; each listed claim must equal one of
-    /// its values (for an array claim, contain one of them).
-    #[serde(default)]
-    pub claims: std::collections::BTreeMap<String, Vec<String>>,
-    /// The caller must hold at least one of these roles.
-    #[serde(default)]
-    pub roles: Vec<String>,
-    /// The caller must hold every one of these scopes (`scope` or `scp`).
-    #[serde(default)]
-    pub scopes: Vec<String>,
-}
-
 fn default_admin_listen() -> SocketAddr {
     DEFAULT_ADMIN_LISTEN
 }
@@ -242,6 +413,15 @@ fn default_reserved_source_v6() -> Ipv6Addr {
 fn default_true() -> bool {
     true
 }
+fn default_revocation_refresh_seconds() -> u64 {
+    DEFAULT_REVOCATION_REFRESH_SECONDS
+}
+fn default_revocation_timeout_seconds() -> u64 {
+    DEFAULT_REVOCATION_TIMEOUT_SECONDS
+}
+fn default_cache_max_entries() -> usize {
+    DEFAULT_CACHE_MAX_ENTRIES
+}
 fn default_drain_seconds() -> u64 {
     DEFAULT_DRAIN_SECONDS
 }
@@ -250,6 +430,18 @@ fn default_clock_skew_seconds() -> u64 {
 }
 fn default_jwks_refresh_seconds() -> u64 {
     DEFAULT_JWKS_REFRESH_SECONDS
+}
+fn default_jwks_min_refresh_seconds() -> u64 {
+    DEFAULT_JWKS_MIN_REFRESH_SECONDS
+}
+fn default_jwks_max_refresh_seconds() -> u64 {
+    DEFAULT_JWKS_MAX_REFRESH_SECONDS
+}
+fn default_jwks_max_stale_seconds() -> u64 {
+    DEFAULT_JWKS_MAX_STALE_SECONDS
+}
+fn default_max_token_bytes() -> usize {
+    DEFAULT_MAX_TOKEN_BYTES
 }
 fn default_unknown_kid_refetch_seconds() -> u64 {
     DEFAULT_UNKNOWN_KID_REFETCH_SECONDS

@@ -1,10 +1,13 @@
-//! Token verification: signature by `kid`, algorithm allow-list, and the
-//! registered claims (`exp`, `nbf`, `iat`, `iss`, `aud`) with clock skew.
+//! Token verification: size, shape, signature by `kid`, algorithm
+//! allow-list, and the claims (`exp`, `nbf`, `iat`, `iss`, `aud`, `sub`,
+//! `typ`, lifetime) with clock skew.
 //!
 //! Pure functions over a key snapshot: no network, no logging. The JWKS
-//! fetcher (`jwks`) supplies keys; the proxy and tests call `Verifier`.
+//! fetcher (`jwks`) supplies keys; the proxy, `explain` and tests call
+//! `Verifier`.
 
 mod claims;
+mod json;
 mod token;
 
 use std::collections::HashMap;
@@ -12,11 +15,15 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, AlgorithmFamily, Validation};
+use jsonwebtoken::{Algorithm, AlgorithmFamily};
 use sha2::{Digest as _, Sha256};
 
+use crate::config::DEFAULT_MAX_TOKEN_BYTES;
 use crate::decision::Reason;
-use crate::jwks::{IssuerKeys, VerifyKey};
+use crate::jwks::{IssuerKeys, KeyKind, VerifyKey};
+
+pub use claims::MAX_NUMERIC_DATE;
+pub use token::MAX_KID_BYTES;
 
 /// A token that passed verification, with what policy and audit need.
 #[derive(Clone, Debug)]
@@ -45,17 +52,26 @@ pub struct VerifyFailure {
 /// Verifies tokens against the configured issuers' current key sets.
 pub struct Verifier {
     issuers: HashMap<String, IssuerEntry>,
+    /// Largest `max_token_bytes` of any issuer: longer tokens are rejected
+    /// before any decoding, when the issuer is not known yet.
+    max_token_bytes: usize,
 }
 
 /// One issuer's keys and the settings verification needs.
 struct IssuerEntry {
     keys: Arc<IssuerKeys>,
-    /// The configured allow-list, with `none`, HMAC and unknown names left
-    /// out even when an unvalidated configuration lists them.
+    /// The configured allow-list, with `none` and unknown names left out,
+    /// and the HMAC algorithms left out unless `hmac_secret_file` is set,
+    /// even when an unvalidated configuration lists them.
     algorithms: Vec<Algorithm>,
     audiences: Vec<String>,
     clock_skew_seconds: u64,
     roles_claim: String,
+    require_exp: bool,
+    subject_prefixes: Vec<String>,
+    required_typ: Option<String>,
+    max_token_bytes: usize,
+    max_lifetime_seconds: Option<u64>,
 }
 
 impl Verifier {
@@ -65,22 +81,37 @@ impl Verifier {
         let mut entries = HashMap::new();
         for keys in issuers {
             let config = &keys.config;
+            let has_secret = config.hmac_secret_file.is_some();
             let algorithms = config
                 .algorithms
                 .iter()
                 .filter_map(|name| name.parse::<Algorithm>().ok())
-                .filter(|alg| alg.family() != AlgorithmFamily::Hmac)
+                .filter(|alg| has_secret || alg.family() != AlgorithmFamily::Hmac)
                 .collect();
             let entry = IssuerEntry {
                 algorithms,
                 audiences: config.audiences.clone(),
                 clock_skew_seconds: config.clock_skew_seconds,
                 roles_claim: config.roles_claim.clone(),
+                require_exp: config.require_exp,
+                subject_prefixes: config.subject_prefixes.clone(),
+                required_typ: config.required_typ.clone(),
+                max_token_bytes: config.max_token_bytes,
+                max_lifetime_seconds: config.max_lifetime_seconds,
                 keys: Arc::clone(&keys),
             };
             entries.entry(config.issuer.clone()).or_insert(entry);
         }
-        Self { issuers: entries }
+
+        let max_token_bytes = entries
+            .values()
+            .map(|entry| entry.max_token_bytes)
+            .max()
+            .unwrap_or(DEFAULT_MAX_TOKEN_BYTES);
+        Self {
+            issuers: entries,
+            max_token_bytes,
+        }
     }
 
     /// Returns the key store of `issuer`, for example to request a refetch
@@ -94,14 +125,19 @@ impl Verifier {
     /// try again once.
     ///
     /// Steps, each failing with its own reason:
-    /// 1. Parse the token without trusting it.
-    /// 2. Reject `none` in any spelling.
-    /// 3. Pick the issuer by `iss`.
-    /// 4. Check `alg` against that issuer's allow-list.
-    /// 5. Pick the keys by `kid`, or every key fitting `alg` when there is no
-    ///    `kid`, and check that they fit `alg`.
-    /// 6. Verify the signature.
-    /// 7. Check `exp`, `nbf`, `iat` and `aud`.
+    /// 1. Reject a token longer than every issuer's `max_token_bytes`
+    ///    before decoding anything (`TokenTooLarge`).
+    /// 2. Parse it without trusting it (`MalformedToken`, see `token::read`
+    ///    for the header members that are rejected).
+    /// 3. Reject `none` in any spelling (`AlgorithmNotAllowed`).
+    /// 4. Pick the issuer by exact `iss` (`UnknownIssuer`), and apply its
+    ///    own `max_token_bytes` (`TokenTooLarge`).
+    /// 5. Check `alg` against that issuer's allow-list.
+    /// 6. Pick the keys by `kid` whose type, curve and `alg` fit the token's
+    ///    `alg`; for HMAC, the issuer's secret whatever the `kid`.
+    /// 7. Verify the signature (`InvalidSignature`).
+    /// 8. Check the claims (`Expired`, `NotYetValid`, `AudienceMismatch`,
+    ///    `InvalidClaims`).
     pub fn verify(&self, token: &str, now_unix: u64) -> Result<VerifiedToken, VerifyFailure> {
         let fail = |reason: Reason, issuer: Option<&String>, kid: Option<&String>| VerifyFailure {
             reason,
@@ -109,19 +145,25 @@ impl Verifier {
             kid: kid.cloned(),
         };
 
+        if token.len() > self.max_token_bytes {
+            return Err(fail(Reason::TokenTooLarge, None, None));
+        }
         let unverified = token::read(token).map_err(|reason| fail(reason, None, None))?;
         let issuer = unverified.issuer.as_ref();
         let kid = unverified.kid.as_ref();
 
         // RFC 8725 §3.1: an unsecured token is never accepted, whatever its
         // issuer; checked first so no spelling of `none` reaches the keys.
-        if unverified.alg.eq_ignore_ascii_case("none") {
+        if unverified.alg.trim().eq_ignore_ascii_case("none") {
             return Err(fail(Reason::AlgorithmNotAllowed, issuer, kid));
         }
 
         let entry = issuer
             .and_then(|iss| self.issuers.get(iss))
             .ok_or_else(|| fail(Reason::UnknownIssuer, issuer, kid))?;
+        if token.len() > entry.max_token_bytes {
+            return Err(fail(Reason::TokenTooLarge, issuer, kid));
+        }
 
         // `alg` names are case-sensitive (RFC 7515 §4.1.1), so `rs256`
         // matches nothing.
@@ -143,16 +185,27 @@ impl Verifier {
             .ok_or_else(|| fail(Reason::KeysUnavailable, issuer, kid))?;
         let candidates = select_keys(key_set.keys(), kid.map(String::as_str), alg)
             .map_err(|reason| fail(reason, issuer, kid))?;
-
-        let (key, claims) = verify_signature(token, &candidates, alg)
+        let key = verify_signature(&unverified, &candidates, alg)
             .map_err(|reason| fail(reason, issuer, kid))?;
 
-        claims::check_times(&claims, now_unix, entry.clock_skew_seconds)
-            .map_err(|reason| fail(reason, issuer, kid))?;
-        claims::check_audience(&claims, &entry.audiences)
-            .map_err(|reason| fail(reason, issuer, kid))?;
+        let rules = claims::ClaimRules {
+            skew: entry.clock_skew_seconds,
+            require_exp: entry.require_exp,
+            audiences: &entry.audiences,
+            subject_prefixes: &entry.subject_prefixes,
+            required_typ: entry.required_typ.as_deref(),
+            max_lifetime: entry.max_lifetime_seconds,
+        };
+        claims::check(
+            &unverified.claims,
+            unverified.typ.as_deref(),
+            now_unix,
+            &rules,
+        )
+        .map_err(|reason| fail(reason, issuer, kid))?;
 
-        let subject = claims
+        let subject = unverified
+            .claims
             .get("sub")
             .and_then(serde_json::Value::as_str)
             .map(str::to_owned);
@@ -161,7 +214,7 @@ impl Verifier {
             subject,
             kid: key.kid.clone(),
             algorithm: unverified.alg,
-            claims,
+            claims: unverified.claims,
             roles_claim: entry.roles_claim.clone(),
         })
     }
@@ -169,15 +222,29 @@ impl Verifier {
 
 /// Chooses the keys that may verify a token with `kid` and `alg`.
 ///
-/// With a `kid`: the keys with that `kid`, `UnknownKey` if there are none,
-/// `AlgorithmNotAllowed` if none fits `alg` (an RSA key never verifies
-/// ES256 or HS256). Without a `kid`: every key that fits `alg`, and
-/// `UnknownKey` if none does.
+/// HMAC: the issuer's secret, whatever the `kid`, because it is the only
+/// `oct` key and a JWKS never supplies one; `UnknownKey` when the secret is
+/// missing or too short for `alg`. Otherwise, with a `kid`: the keys with
+/// that `kid`, `UnknownKey` if there are none, `AlgorithmNotAllowed` if
+/// none fits `alg` (an RSA key never verifies ES256 or HS256, a key whose
+/// JWK pins RS256 never verifies PS256). Without a `kid`: every key that
+/// fits `alg`, and `UnknownKey` if none does.
 fn select_keys<'k>(
     keys: &'k [VerifyKey],
     kid: Option<&str>,
     alg: Algorithm,
 ) -> Result<Vec<&'k VerifyKey>, Reason> {
+    if alg.family() == AlgorithmFamily::Hmac {
+        let secrets: Vec<&VerifyKey> = keys
+            .iter()
+            .filter(|key| matches!(key.kind, KeyKind::Hmac { .. }) && key.fits(alg))
+            .collect();
+        if secrets.is_empty() {
+            return Err(Reason::UnknownKey);
+        }
+        return Ok(secrets);
+    }
+
     let Some(kid) = kid else {
         let fitting: Vec<&VerifyKey> = keys.iter().filter(|key| key.fits(alg)).collect();
         if fitting.is_empty() {
@@ -200,39 +267,32 @@ fn select_keys<'k>(
     Ok(fitting)
 }
 
-/// Verifies the signature with each candidate until one succeeds, and
-/// returns that key with the claims. The registered claims are checked
-/// afterwards by `claims`, against the caller's clock, so the `Validation`
-/// passed to jsonwebtoken enables the signature and algorithm checks only.
+/// Verifies the signature over the signing input with each candidate until
+/// one succeeds, and returns that key. Claims are checked afterwards, from
+/// the strictly parsed payload, so jsonwebtoken only does the cryptography.
 fn verify_signature<'k>(
-    token: &str,
+    unverified: &token::Unverified<'_>,
     candidates: &[&'k VerifyKey],
     alg: Algorithm,
-) -> Result<(&'k VerifyKey, serde_json::Map<String, serde_json::Value>), Reason> {
-    let mut validation = Validation::new(alg);
-    validation.required_spec_claims.clear();
-    validation.validate_exp = false;
-    validation.validate_nbf = false;
-    validation.validate_aud = false;
-    validation.leeway = 0;
-
-    let mut last_reason = Reason::InvalidSignature;
+) -> Result<&'k VerifyKey, Reason> {
     for key in candidates {
-        match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
-            token,
+        match jsonwebtoken::crypto::verify(
+            unverified.signature,
+            unverified.signing_input.as_bytes(),
             &key.decoding,
-            &validation,
+            alg,
         ) {
-            Ok(data) => return Ok((key, data.claims)),
+            Ok(true) => return Ok(key),
+            Ok(false) => {}
             Err(error) => {
-                last_reason = reason_for(error.kind());
-                if last_reason != Reason::InvalidSignature {
-                    return Err(last_reason);
+                let reason = reason_for(error.kind());
+                if reason != Reason::InvalidSignature {
+                    return Err(reason);
                 }
             }
         }
     }
-    Err(last_reason)
+    Err(Reason::InvalidSignature)
 }
 
 /// Maps a jsonwebtoken error to the reason reported for it.
@@ -316,17 +376,15 @@ mod tests {
     ));
 
     fn issuer_config(algorithms: &[&str]) -> IssuerConfig {
-        IssuerConfig {
-            issuer: ISS.to_owned(),
-            jwks_uri: "http://127.0.0.1:9/jwks".to_owned(),
-            audiences: vec!["orders".to_owned(), "billing".to_owned()],
-            algorithms: algorithms.iter().map(|a| (*a).to_owned()).collect(),
-            clock_skew_seconds: SKEW,
-            jwks_refresh_seconds: 300,
-            unknown_kid_refetch_seconds: 30,
-            jwks_timeout_seconds: 5,
-            roles_claim: "realm_access.roles".to_owned(),
-        }
+        serde_json::from_value(json!({
+            "issuer": ISS,
+            "jwks_uri": "http://127.0.0.1:9/jwks",
+            "audiences": ["orders", "billing"],
+            "algorithms": algorithms,
+            "clock_skew_seconds": SKEW,
+            "roles_claim": "realm_access.roles",
+        }))
+        .expect("issuer config")
     }
 
     fn verifier_for(config: IssuerConfig) -> Verifier {
@@ -469,7 +527,7 @@ mod tests {
             (
                 "exp not a number",
                 with(claims(), "exp", json!("soon")),
-                Err(Reason::MalformedToken),
+                Err(Reason::InvalidClaims),
             ),
             (
                 "nbf future",

@@ -30,10 +30,10 @@ impl Config {
         for issuer in &self.issuers {
             let _ = write!(
                 out,
-                "; issuer {:?} jwks_uri={} algorithms=[{}] audiences=[{}] clock_skew={}s refresh={}s \
+                "; issuer {:?} keys={} algorithms=[{}] audiences=[{}] clock_skew={}s refresh={}s \
                  unknown_kid_refetch={}s timeout={}s roles_claim={}",
                 issuer.issuer,
-                redact_url(&issuer.jwks_uri),
+                issuer.key_source_summary(),
                 issuer.algorithms.join(","),
                 issuer.audiences.join(","),
                 issuer.clock_skew_seconds,

@@ -11,7 +11,11 @@ use std::path::Path;
 
 use super::path::FieldPath;
 use super::summary::redact_url;
-use super::{Config, IssuerConfig, RuleConfig, WorkloadConfig, ACCEPTED_ALGORITHMS};
+use super::{
+    Config, IssuerConfig, WorkloadConfig, ACCEPTED_ALGORITHMS, HMAC_ALGORITHMS,
+};
+
+mod rules;
 
 /// Maximum length of a workload name. Names appear in metric labels, audit events and
 /// bpffs pin names, and 253 is the maximum length of a Kubernetes object name.
@@ -49,6 +53,7 @@ pub(super) fn validate(config: &Config) -> Vec<Finding> {
     check_interception(&mut checker, config, &root);
     check_issuers(&mut checker, &config.issuers, &root.key("issuers"));
     check_workloads(&mut checker, &config.workloads, &root.key("workloads"));
+    check_revocation_and_cache(&mut checker, config, &root);
 
     checker.findings
 }
@@ -62,6 +67,54 @@ fn check_audit(checker: &mut Checker, config: &Config, root: &FieldPath) {
                 "empty path; set a file path, or remove the field to write audit events to standard output",
             );
         }
+    }
+}
+
+/// Largest `cache.max_entries` accepted. Ten million entries of about 2 KiB
+/// each would take 20 GiB, far beyond a node agent's memory, so a larger
+/// value is a typo.
+const MAX_CACHE_ENTRIES: usize = 10_000_000;
+
+fn check_revocation_and_cache(checker: &mut Checker, config: &Config, root: &FieldPath) {
+    let path = root.key("revocation");
+    let revocation = &config.revocation;
+
+    if let Some(file) = &revocation.file {
+        if file.as_os_str().is_empty() {
+            checker.report(
+                path.key("file"),
+                "\"\"",
+                "empty path; set the path of the revocation list file, or remove the field",
+            );
+        }
+    }
+    if let Some(url) = &revocation.url {
+        check_http_url(checker, url, &path.key("url"));
+    }
+    if revocation.refresh_seconds == 0 {
+        checker.report(
+            path.key("refresh_seconds"),
+            0,
+            "must be at least 1; it is the period of the revocation list refresh",
+        );
+    }
+    if revocation.timeout_seconds == 0 {
+        checker.report(
+            path.key("timeout_seconds"),
+            0,
+            "must be at least 1; it bounds one request to the revocation list URL",
+        );
+    }
+
+    let max_entries = config.cache.max_entries;
+    if max_entries == 0 || max_entries > MAX_CACHE_ENTRIES {
+        checker.report(
+            root.key("cache").key("max_entries"),
+            max_entries,
+            format!(
+                "must be between 1 and {MAX_CACHE_ENTRIES}; set cache.enabled: false to turn the cache off"
+            ),
+        );
     }
 }
 
@@ -147,8 +200,8 @@ fn check_issuer(checker: &mut Checker, issuer: &IssuerConfig, path: &FieldPath) 
         );
     }
 
-    check_jwks_uri(checker, &issuer.jwks_uri, &path.key("jwks_uri"));
-    check_algorithms(checker, &issuer.algorithms, &path.key("algorithms"));
+    check_key_source(checker, issuer, path);
+    check_algorithms(checker, issuer, &path.key("algorithms"));
 
     for (index, audience) in issuer.audiences.iter().enumerate() {
         if audience.is_empty() {
@@ -160,11 +213,106 @@ fn check_issuer(checker: &mut Checker, issuer: &IssuerConfig, path: &FieldPath) 
         }
     }
 
+    check_durations(checker, issuer, path);
+    check_claim_requirements(checker, issuer, path);
+
+    if !is_valid_claim_path(&issuer.roles_claim) {
+        checker.report(
+            path.key("roles_claim"),
+            format_args!("{:?}", issuer.roles_claim),
+            "must be a claim name, or a dotted path such as realm_access.roles, without empty parts",
+        );
+    }
+}
+
+/// Checks that exactly one key source is set (none is allowed for an
+/// HMAC-only issuer) and that the chosen one is usable.
+fn check_key_source(checker: &mut Checker, issuer: &IssuerConfig, path: &FieldPath) {
+    let discovery = issuer.discovery || issuer.discovery_uri.is_some();
+    let sources: Vec<&str> = [
+        (issuer.jwks_uri.is_some(), "jwks_uri"),
+        (discovery, "discovery"),
+        (issuer.jwks_file.is_some(), "jwks_file"),
+        (issuer.jwks.is_some(), "jwks"),
+    ]
+    .into_iter()
+    .filter_map(|(set, name)| set.then_some(name))
+    .collect();
+
+    if sources.len() > 1 {
+        checker.report(
+            path.key(sources[1]),
+            sources.join(" + "),
+            "set exactly one key source out of jwks_uri, discovery (or discovery_uri), jwks_file and jwks",
+        );
+    } else if sources.is_empty() && issuer.hmac_secret_file.is_none() {
+        checker.report(
+            path.key("jwks_uri"),
+            "(missing)",
+            "set one key source: jwks_uri, discovery: true, discovery_uri, jwks_file or jwks \
+             (or hmac_secret_file for an issuer that signs only with HMAC)",
+        );
+    }
+
+    if let Some(uri) = &issuer.jwks_uri {
+        check_http_url(checker, uri, &path.key("jwks_uri"));
+    }
+    if let Some(uri) = &issuer.discovery_uri {
+        check_http_url(checker, uri, &path.key("discovery_uri"));
+    } else if issuer.discovery {
+        // OpenID Connect Discovery 1.0 §4: the document is found by
+        // appending the well-known path to the issuer URL.
+        check_http_url(checker, &issuer.issuer, &path.key("issuer"));
+    }
+    for (field, file) in [
+        ("jwks_file", &issuer.jwks_file),
+        ("hmac_secret_file", &issuer.hmac_secret_file),
+    ] {
+        if file.as_ref().is_some_and(|file| !file.is_absolute()) {
+            checker.report(
+                path.key(field),
+                format_args!("{:?}", file.as_ref().map(|file| file.display().to_string()).unwrap_or_default()),
+                "must be an absolute path, because the agent's working directory is not part of its configuration",
+            );
+        }
+    }
+    if let Some(jwks) = &issuer.jwks {
+        if let Err(error) = crate::jwks::KeySet::from_inline(jwks) {
+            checker.report(
+                path.key("jwks"),
+                "(inline JWKS)",
+                format!("not a usable JWKS: {}; write a mapping with a `keys` list, or that JSON as a string", ErrorText(&error)),
+            );
+        }
+    }
+}
+
+/// Formats an error with its sources for a finding's message.
+struct ErrorText<'a>(&'a (dyn std::error::Error + 'static));
+
+impl Display for ErrorText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(error) = source {
+            write!(f, ": {error}")?;
+            source = error.source();
+        }
+        Ok(())
+    }
+}
+
+fn check_durations(checker: &mut Checker, issuer: &IssuerConfig, path: &FieldPath) {
     let durations = [
         (
             "jwks_refresh_seconds",
             issuer.jwks_refresh_seconds,
             "keys would be fetched in a busy loop",
+        ),
+        (
+            "jwks_min_refresh_seconds",
+            issuer.jwks_min_refresh_seconds,
+            "an issuer sending max-age=0 would be fetched in a busy loop",
         ),
         (
             "unknown_kid_refetch_seconds",
@@ -187,16 +335,71 @@ fn check_issuer(checker: &mut Checker, issuer: &IssuerConfig, path: &FieldPath) 
         }
     }
 
-    if !is_valid_claim_path(&issuer.roles_claim) {
+    if issuer.jwks_max_refresh_seconds < issuer.jwks_min_refresh_seconds {
         checker.report(
-            path.key("roles_claim"),
-            format_args!("{:?}", issuer.roles_claim),
-            "must be a claim name, or a dotted path such as realm_access.roles, without empty parts",
+            path.key("jwks_max_refresh_seconds"),
+            issuer.jwks_max_refresh_seconds,
+            format!(
+                "is below jwks_min_refresh_seconds ({}); raise it or lower the minimum",
+                issuer.jwks_min_refresh_seconds
+            ),
         );
     }
 }
 
-fn check_jwks_uri(checker: &mut Checker, uri: &str, path: &FieldPath) {
+fn check_claim_requirements(checker: &mut Checker, issuer: &IssuerConfig, path: &FieldPath) {
+    for (index, prefix) in issuer.subject_prefixes.iter().enumerate() {
+        if prefix.is_empty() {
+            checker.report(
+                path.key("subject_prefixes").index(index),
+                "\"\"",
+                "an empty prefix matches every subject; remove it, or leave the list empty to skip the check",
+            );
+        }
+    }
+
+    if let Some(typ) = &issuer.required_typ {
+        let bare = typ
+            .get(..12)
+            .filter(|head| head.eq_ignore_ascii_case("application/"))
+            .map_or(typ.as_str(), |_| &typ[12..]);
+        if bare.is_empty() || !bare.bytes().all(|b| is_tchar(b) || b == b'/') {
+            checker.report(
+                path.key("required_typ"),
+                format_args!("{typ:?}"),
+                "must be a media type such as at+jwt (RFC 9068 §2.1), without parameters or spaces",
+            );
+        }
+    }
+
+    if issuer.max_token_bytes == 0 {
+        checker.report(
+            path.key("max_token_bytes"),
+            0,
+            format!(
+                "must be at least 1, because with 0 every token is rejected; the default is {}",
+                super::DEFAULT_MAX_TOKEN_BYTES
+            ),
+        );
+    }
+    if issuer.max_lifetime_seconds == Some(0) {
+        checker.report(
+            path.key("max_lifetime_seconds"),
+            0,
+            "must be at least 1, because with 0 every token is rejected; remove the field for no limit",
+        );
+    }
+    if !issuer.require_exp && issuer.max_lifetime_seconds.is_some() {
+        checker.report(
+            path.key("require_exp"),
+            false,
+            "max_lifetime_seconds needs `exp` to measure a lifetime, so tokens without one would all be \
+             rejected; set require_exp: true or remove max_lifetime_seconds",
+        );
+    }
+}
+
+fn check_http_url(checker: &mut Checker, uri: &str, path: &FieldPath) {
     let problem = match reqwest::Url::parse(uri) {
         Err(error) => Some(format!(
             "not a valid URL ({error}); write an absolute http:// or https:// URL"
@@ -215,7 +418,8 @@ fn check_jwks_uri(checker: &mut Checker, uri: &str, path: &FieldPath) {
     }
 }
 
-fn check_algorithms(checker: &mut Checker, algorithms: &[String], path: &FieldPath) {
+fn check_algorithms(checker: &mut Checker, issuer: &IssuerConfig, path: &FieldPath) {
+    let algorithms = &issuer.algorithms;
     let accepted = ACCEPTED_ALGORITHMS.join(", ");
     if algorithms.is_empty() {
         checker.report(
@@ -225,34 +429,46 @@ fn check_algorithms(checker: &mut Checker, algorithms: &[String], path: &FieldPa
         );
     }
 
+    let has_secret = issuer.hmac_secret_file.is_some();
     for (index, name) in algorithms.iter().enumerate() {
-        if ACCEPTED_ALGORITHMS.contains(&name.as_str()) {
+        if ACCEPTED_ALGORITHMS.contains(&name.as_str())
+            || (has_secret && HMAC_ALGORITHMS.contains(&name.as_str()))
+        {
             continue;
         }
         let message = if name.trim().eq_ignore_ascii_case("none") {
             // RFC 8725 §3.2: `none` must be rejected unless the token is
             // protected by other means, which it is not here.
             "`none` marks an unsigned token that anyone can forge; remove it".to_owned()
-        } else if ["HS256", "HS384", "HS512"]
-            .iter()
-            .any(|hs| name.eq_ignore_ascii_case(hs))
-        {
+        } else if !has_secret && HMAC_ALGORITHMS.iter().any(|hs| name.eq_ignore_ascii_case(hs)) {
             // RFC 8725 §3.1: HMAC verification uses a shared secret, and a
             // verifier that treats a public JWKS key as that secret accepts
             // tokens signed by anyone who has the public key.
-            "HMAC algorithms need a secret shared with the issuer, but tokengate only has the issuer's \
-             public JWKS keys; anyone holding a public key could sign tokens with it (key confusion), \
-             so use the issuer's asymmetric algorithm instead"
+            "HMAC algorithms need the secret shared with the issuer; set hmac_secret_file to a file \
+             holding it, because public JWKS keys are never used as HMAC secrets (key confusion)"
                 .to_owned()
         } else if let Some(known) = ACCEPTED_ALGORITHMS
             .iter()
+            .chain(HMAC_ALGORITHMS.iter())
             .find(|known| known.eq_ignore_ascii_case(name))
         {
             format!("algorithm names are case-sensitive (RFC 7515 §4.1.1); write {known}")
         } else {
-            format!("unknown algorithm; use one of {accepted}")
+            format!("unknown algorithm; use one of {accepted}, or HS256/HS384/HS512 with hmac_secret_file")
         };
         checker.report(path.index(index), format_args!("{name:?}"), message);
+    }
+
+    let lists_hmac = algorithms
+        .iter()
+        .any(|name| HMAC_ALGORITHMS.contains(&name.as_str()));
+    if has_secret && !lists_hmac {
+        checker.report(
+            path.clone(),
+            format_args!("[{}]", algorithms.join(", ")),
+            "hmac_secret_file is set but no HMAC algorithm is listed, so the secret is never used; \
+             add HS256, HS384 or HS512, or remove hmac_secret_file",
+        );
     }
 }
 
@@ -327,8 +543,9 @@ fn check_workload(checker: &mut Checker, workload: &WorkloadConfig, path: &Field
 
     check_ports(checker, &workload.ports, &path.key("ports"));
     check_token_sources(checker, workload, path);
+    rules::check_forwarding(checker, workload, path);
     for (index, rule) in workload.rules.iter().enumerate() {
-        check_rule(checker, rule, &path.key("rules").index(index));
+        rules::check_rule(checker, rule, &path.key("rules").index(index));
     }
 }
 
@@ -414,93 +631,6 @@ fn check_token_sources(checker: &mut Checker, workload: &WorkloadConfig, path: &
     }
 }
 
-fn check_rule(checker: &mut Checker, rule: &RuleConfig, path: &FieldPath) {
-    check_path_prefix(checker, &rule.path_prefix, &path.key("path_prefix"));
-
-    for (index, method) in rule.methods.iter().enumerate() {
-        let valid_token = !method.is_empty() && method.bytes().all(is_tchar);
-        if !valid_token || method.bytes().any(|b| b.is_ascii_lowercase()) {
-            let hint = if valid_token {
-                format!("; write {}", method.to_ascii_uppercase())
-            } else {
-                String::new()
-            };
-            checker.report(
-                path.key("methods").index(index),
-                format_args!("{method:?}"),
-                format!(
-                    "methods are case-sensitive tokens (RFC 9110 §9.1) and are matched as written, \
-                     so use the uppercase name such as GET or POST{hint}"
-                ),
-            );
-        }
-    }
-
-    for (claim, values) in &rule.claims {
-        let item = path.key("claims").key(claim);
-        if !is_valid_claim_path(claim) {
-            checker.report(
-                item.clone(),
-                format_args!("{claim:?}"),
-                "must be a claim name, or a dotted path such as realm_access.roles, without empty parts",
-            );
-        }
-        if values.is_empty() {
-            checker.report(
-                item,
-                "[]",
-                "an empty list matches no token; list the accepted values, or remove the claim",
-            );
-        }
-    }
-
-    for (index, role) in rule.roles.iter().enumerate() {
-        if role.is_empty() {
-            checker.report(
-                path.key("roles").index(index),
-                "\"\"",
-                "an empty role matches nothing; remove it",
-            );
-        }
-    }
-
-    for (index, scope) in rule.scopes.iter().enumerate() {
-        if scope.is_empty() || scope.chars().any(char::is_whitespace) {
-            checker.report(
-                path.key("scopes").index(index),
-                format_args!("{scope:?}"),
-                "a scope is one non-empty word, because `scope` holds space-separated scopes (RFC 8693 §4.2); \
-                 list each scope separately",
-            );
-        }
-    }
-}
-
-fn check_path_prefix(checker: &mut Checker, prefix: &str, path: &FieldPath) {
-    let value = format_args!("{prefix:?}").to_string();
-    if !prefix.starts_with('/') {
-        checker.report(path.clone(), value, "must start with `/`, such as /orders");
-        return;
-    }
-
-    match crate::policy::normalize_path(prefix) {
-        // Requests are matched after normalisation, so a prefix that is not
-        // itself normalised could never match.
-        Some(normalised) if normalised == prefix => {}
-        Some(normalised) => checker.report(
-            path.clone(),
-            value,
-            format!("request paths are normalised before matching, so this prefix never matches; write {normalised}"),
-        ),
-        None => checker.report(
-            path.clone(),
-            value,
-            "contains characters that no accepted request path has (an encoded `/`, `\\` or NUL, \
-             a `\\`, `#`, a space, a control character or a bad `%` escape); remove them",
-        ),
-    }
-}
-
 /// RFC 9110 §5.6.2 `tchar`, the characters of a token such as a method or
 /// cookie name.
 fn is_tchar(byte: u8) -> bool {
@@ -569,6 +699,62 @@ mod tests {
     #[test]
     fn base_document_is_valid() {
         assert_eq!(problems(&document(ISSUER, WORKLOAD)), []);
+    }
+
+    #[test]
+    fn revocation_and_cache_fields() {
+        let base = document(ISSUER, WORKLOAD);
+        let valid = format!(
+            "{base}revocation:\n  file: /etc/tokengate/revoked.json\n  url: https://idp.example/revoked.json\n  \
+             refresh_seconds: 5\n  timeout_seconds: 2\ncache:\n  enabled: false\n  max_entries: 50\n"
+        );
+        assert_eq!(problems(&valid), []);
+        let cases = [
+            (
+                "revocation:\n  url: ftp://idp.example/revoked\n",
+                "revocation.url",
+                "scheme",
+            ),
+            (
+                "revocation:\n  url: not a url\n",
+                "revocation.url",
+                "not a valid URL",
+            ),
+            ("revocation:\n  file: ''\n", "revocation.file", "empty path"),
+            (
+                "revocation:\n  refresh_seconds: 0\n",
+                "revocation.refresh_seconds",
+                "at least 1",
+            ),
+            (
+                "revocation:\n  timeout_seconds: 0\n",
+                "revocation.timeout_seconds",
+                "at least 1",
+            ),
+            (
+                "cache:\n  max_entries: 0\n",
+                "cache.max_entries",
+                "cache.enabled: false",
+            ),
+            (
+                "cache:\n  max_entries: 10000001\n",
+                "cache.max_entries",
+                "between 1 and",
+            ),
+        ];
+
+        for (section, field, message) in cases {
+            let found = problems(&format!("{base}{section}"));
+
+            assert_eq!(found.len(), 1, "{section}: {found:?}");
+            assert_eq!(found[0].field, field, "{section}");
+            assert!(
+                found[0].message.contains(message),
+                "{section}: {}",
+                found[0].message
+            );
+            assert!(found[0].line.is_some(), "{section}: no line");
+        }
     }
 
     #[test]
@@ -674,6 +860,102 @@ mod tests {
                 ),
                 "issuers[0].jwks_refresh_seconds",
                 "at least 1",
+            ),
+            (
+                "two key sources",
+                edited(
+                    "algorithms: [RS256]\n",
+                    "algorithms: [RS256]\n    jwks_file: /etc/tokengate/jwks.json\n",
+                ),
+                "issuers[0].jwks_file",
+                "exactly one key source",
+            ),
+            (
+                "no key source",
+                edited("    jwks_uri: http://127.0.0.1:9000/jwks\n", ""),
+                "issuers[0].jwks_uri",
+                "set one key source",
+            ),
+            (
+                "relative jwks file",
+                edited(
+                    "    jwks_uri: http://127.0.0.1:9000/jwks\n",
+                    "    jwks_file: keys/jwks.json\n",
+                ),
+                "issuers[0].jwks_file",
+                "absolute path",
+            ),
+            (
+                "inline jwks without keys",
+                edited(
+                    "    jwks_uri: http://127.0.0.1:9000/jwks\n",
+                    "    jwks: '{\"keys\": []}'\n",
+                ),
+                "issuers[0].jwks",
+                "not a usable JWKS",
+            ),
+            (
+                "discovery uri not http",
+                edited(
+                    "    jwks_uri: http://127.0.0.1:9000/jwks\n",
+                    "    discovery_uri: ftp://idp.example/.well-known/openid-configuration\n",
+                ),
+                "issuers[0].discovery_uri",
+                "not supported",
+            ),
+            (
+                "secret without hmac algorithm",
+                edited(
+                    "algorithms: [RS256]\n",
+                    "algorithms: [RS256]\n    hmac_secret_file: /etc/tokengate/secret\n",
+                ),
+                "issuers[0].algorithms",
+                "never used",
+            ),
+            (
+                "max refresh below min",
+                edited(
+                    "algorithms: [RS256]\n",
+                    "algorithms: [RS256]\n    jwks_min_refresh_seconds: 600\n    jwks_max_refresh_seconds: 60\n",
+                ),
+                "issuers[0].jwks_max_refresh_seconds",
+                "below jwks_min_refresh_seconds",
+            ),
+            (
+                "typ with parameters",
+                edited(
+                    "algorithms: [RS256]\n",
+                    "algorithms: [RS256]\n    required_typ: 'at+jwt; charset=utf-8'\n",
+                ),
+                "issuers[0].required_typ",
+                "media type",
+            ),
+            (
+                "lifetime without exp",
+                edited(
+                    "algorithms: [RS256]\n",
+                    "algorithms: [RS256]\n    require_exp: false\n    max_lifetime_seconds: 600\n",
+                ),
+                "issuers[0].require_exp",
+                "needs `exp`",
+            ),
+            (
+                "zero token size",
+                edited(
+                    "algorithms: [RS256]\n",
+                    "algorithms: [RS256]\n    max_token_bytes: 0\n",
+                ),
+                "issuers[0].max_token_bytes",
+                "at least 1",
+            ),
+            (
+                "empty subject prefix",
+                edited(
+                    "algorithms: [RS256]\n",
+                    "algorithms: [RS256]\n    subject_prefixes: ['']\n",
+                ),
+                "issuers[0].subject_prefixes[0]",
+                "matches every subject",
             ),
             (
                 "zero refetch interval",
@@ -944,6 +1226,7 @@ mod tests {
     }
 
     #[test]
+    #[expect(clippy::too_many_lines, reason = "one table of cases")]
     fn accepted_variants() {
         let cases = [
             (
@@ -965,6 +1248,38 @@ mod tests {
                 edited(
                     "http://127.0.0.1:9000/jwks",
                     "https://idp.example/.well-known/jwks.json",
+                ),
+            ),
+            (
+                "hmac with secret",
+                edited(
+                    "algorithms: [RS256]\n",
+                    "algorithms: [RS256, HS256]\n    hmac_secret_file: /etc/tokengate/secret\n",
+                ),
+            ),
+            (
+                "hmac only",
+                edited(
+                    "    jwks_uri: http://127.0.0.1:9000/jwks\n    audiences: [orders]\n    algorithms: [RS256]\n",
+                    "    hmac_secret_file: /etc/tokengate/secret\n    audiences: [orders]\n    algorithms: [HS512]\n",
+                ),
+            ),
+            (
+                "discovery",
+                edited("    jwks_uri: http://127.0.0.1:9000/jwks\n", "    discovery: true\n"),
+            ),
+            (
+                "inline mapping",
+                edited(
+                    "    jwks_uri: http://127.0.0.1:9000/jwks\n",
+                    "    jwks:\n      keys:\n        - {kty: OKP, crv: Ed25519, kid: k, x: 11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo}\n",
+                ),
+            ),
+            (
+                "claim requirements",
+                edited(
+                    "algorithms: [RS256]\n",
+                    "algorithms: [RS256]\n    subject_prefixes: ['spiffe://cluster.local/ns/']\n    required_typ: application/at+jwt\n    max_lifetime_seconds: 3600\n    max_token_bytes: 16384\n",
                 ),
             ),
             (

@@ -1,8 +1,9 @@
 //! Parsing a JWKS document (RFC 7517 §5) into verification keys.
 //!
 //! Only public signature keys of the kinds jsonwebtoken verifies are kept:
-//! RSA, EC P-256 and P-384, and Ed25519. Symmetric (`oct`) keys are never
-//! kept, so a JWKS can never turn into an HMAC secret.
+//! RSA, EC P-256 and P-384, and Ed25519. Symmetric (`oct`) keys in a JWKS
+//! are never kept, so a JWKS can never turn into an HMAC secret; the only
+//! HMAC key is the one from the issuer's `hmac_secret_file`.
 
 use std::fmt;
 
@@ -11,6 +12,7 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
 
 /// Shortest RSA modulus accepted, in bits. RFC 7518 §3.3 requires 2048 for
 /// RS*/PS*, and aws-lc-rs rejects shorter keys at verification anyway.
@@ -30,6 +32,10 @@ pub enum KeyKind {
     EcP256,
     EcP384,
     Ed25519,
+    /// An HMAC secret (`kty` `oct`) of `bytes` bytes.
+    Hmac {
+        bytes: usize,
+    },
 }
 
 impl KeyKind {
@@ -39,13 +45,14 @@ impl KeyKind {
             Self::Rsa => "RSA",
             Self::EcP256 | Self::EcP384 => "EC",
             Self::Ed25519 => "OKP",
+            Self::Hmac { .. } => "oct",
         }
     }
 
     /// JWK `crv` of this kind, `None` for RSA.
     pub fn crv(self) -> Option<&'static str> {
         match self {
-            Self::Rsa => None,
+            Self::Rsa | Self::Hmac { .. } => None,
             Self::EcP256 => Some("P-256"),
             Self::EcP384 => Some("P-384"),
             Self::Ed25519 => Some("Ed25519"),
@@ -53,14 +60,21 @@ impl KeyKind {
     }
 
     /// True when a key of this kind can verify `alg` (RFC 7518 §3.1): RSA
-    /// for RS*/PS*, P-256 for ES256, P-384 for ES384, Ed25519 for `EdDSA`.
-    /// HMAC fits no kind.
+    /// for RS*/PS*, P-256 for ES256, P-384 for ES384, Ed25519 for `EdDSA`,
+    /// and an HMAC secret for HS* when it is at least as long as the hash
+    /// output, as RFC 7518 §3.2 requires.
     pub fn fits(self, alg: Algorithm) -> bool {
         match self {
             Self::Rsa => alg.family() == AlgorithmFamily::Rsa,
             Self::EcP256 => alg == Algorithm::ES256,
             Self::EcP384 => alg == Algorithm::ES384,
             Self::Ed25519 => alg == Algorithm::EdDSA,
+            Self::Hmac { bytes } => match alg {
+                Algorithm::HS256 => bytes >= 32,
+                Algorithm::HS384 => bytes >= 48,
+                Algorithm::HS512 => bytes >= 64,
+                _ => false,
+            },
         }
     }
 }
@@ -119,6 +133,10 @@ pub enum KeySetError {
     },
     #[error("the JWKS holds no usable signature key ({skipped} skipped); check the issuer's published keys")]
     NoUsableKeys { skipped: usize },
+    #[error(
+        "the HMAC secret is empty; write the secret shared with the issuer into hmac_secret_file"
+    )]
+    EmptySecret,
 }
 
 impl KeySet {
@@ -152,6 +170,45 @@ impl KeySet {
             });
         }
         Ok((Self { keys }, skipped))
+    }
+
+    /// Parses a JWKS written into the configuration: a JSON string holding
+    /// the document, or the document itself as a mapping.
+    pub fn from_inline(value: &serde_json::Value) -> Result<(Self, Vec<SkippedKey>), KeySetError> {
+        match value {
+            serde_json::Value::String(text) => Self::from_jwks_json(text.as_bytes()),
+            document => {
+                // Serialising a `Value` cannot fail: its keys are strings.
+                let bytes = serde_json::to_vec(document).unwrap_or_default();
+                Self::from_jwks_json(&bytes)
+            }
+        }
+    }
+
+    /// Builds a set that holds only the HMAC `secret`.
+    pub fn hmac_only(secret: &[u8]) -> Result<Self, KeySetError> {
+        let mut set = Self::default();
+        set.add_hmac_secret(secret)?;
+        Ok(set)
+    }
+
+    /// Adds the issuer's HMAC `secret` as an `oct` key without a `kid`.
+    /// Its identity is the secret's SHA-256, so the secret itself is kept
+    /// only inside the decoding key.
+    pub fn add_hmac_secret(&mut self, secret: &[u8]) -> Result<(), KeySetError> {
+        let decoding = DecodingKey::from_secret(secret).map_err(|_| KeySetError::EmptySecret)?;
+        let digest = Sha256::digest(secret);
+        let identity = format!("hmac|{}", JWK_BASE64.encode(digest));
+        self.keys.push(VerifyKey {
+            kid: None,
+            kind: KeyKind::Hmac {
+                bytes: secret.len(),
+            },
+            alg: None,
+            decoding,
+            identity,
+        });
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
