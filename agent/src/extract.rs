@@ -1,9 +1,10 @@
-//! Finding the token in a request: configured headers and cookies.
+//! Finding the token in a request (configured headers and cookies) and
+//! removing it again before forwarding.
 //!
 //! Exactly one token may be present; two are rejected rather than guessed
 //! between. Pure functions over `http::HeaderMap`.
 
-use http::header::{HeaderName, AUTHORIZATION, COOKIE};
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, COOKIE};
 use http::HeaderMap;
 
 use crate::config::WorkloadConfig;
@@ -29,6 +30,22 @@ struct HeaderRule {
     /// The configured prefix ended with a space: the token then follows
     /// after one or more spaces, as `1*SP` in RFC 9110 §11.4 allows.
     space_separated: bool,
+}
+
+/// Where a token was found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenLocation {
+    /// A configured header.
+    Header(HeaderName),
+    /// A configured cookie, by name.
+    Cookie(String),
+}
+
+/// A token and where it was found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FoundToken<'h> {
+    pub token: &'h str,
+    pub location: TokenLocation,
 }
 
 impl TokenSources {
@@ -65,9 +82,14 @@ impl TokenSources {
     /// one configured header where any carries the prefix count as
     /// several tokens, because the field then has no single meaning.
     pub fn extract<'h>(&self, headers: &'h HeaderMap) -> Result<Option<&'h str>, Reason> {
-        let mut found: Option<&'h str> = None;
-        let mut record = |token: &'h str| {
-            if found.replace(token).is_some() {
+        Ok(self.locate(headers)?.map(|found| found.token))
+    }
+
+    /// Like [`TokenSources::extract`], and also returns where the token was.
+    pub fn locate<'h>(&self, headers: &'h HeaderMap) -> Result<Option<FoundToken<'h>>, Reason> {
+        let mut found: Option<FoundToken<'h>> = None;
+        let mut record = |token: &'h str, location: TokenLocation| {
+            if found.replace(FoundToken { token, location }).is_some() {
                 return Err(Reason::MultipleTokens);
             }
             Ok(())
@@ -86,23 +108,96 @@ impl TokenSources {
                 return Err(Reason::MultipleTokens);
             }
             for token in tokens {
-                record(token?)?;
+                record(token?, TokenLocation::Header(rule.name.clone()))?;
             }
         }
 
         for value in headers.get_all(COOKIE) {
             for (name, cookie_value) in cookie_pairs(value.as_bytes()) {
-                if !self.cookies.iter().any(|wanted| wanted.as_bytes() == name) {
+                let Some(wanted) = self.cookies.iter().find(|wanted| wanted.as_bytes() == name)
+                else {
                     continue;
-                }
+                };
                 // Other cookies may carry any bytes, but a token is ASCII.
                 match std::str::from_utf8(cookie_value) {
-                    Ok(token) if !token.is_empty() && token.is_ascii() => record(token)?,
+                    Ok(token) if !token.is_empty() && token.is_ascii() => {
+                        record(token, TokenLocation::Cookie(wanted.clone()))?;
+                    }
                     _ => return Err(Reason::MalformedToken),
                 }
             }
         }
         Ok(found)
+    }
+
+    /// Removes every token from `headers`: each configured header value
+    /// that starts with its prefix (well-formed or not) and each configured
+    /// cookie. Other values of those headers and other cookies stay.
+    pub fn strip(&self, headers: &mut HeaderMap) {
+        for rule in &self.headers {
+            retain_values(headers, &rule.name, |value| {
+                rule.token_in(value.as_bytes()).is_none()
+            });
+        }
+        self.strip_cookies(headers);
+    }
+
+    /// Removes the configured token cookies from every `Cookie` header, and
+    /// a `Cookie` header that is left empty.
+    pub fn strip_cookies(&self, headers: &mut HeaderMap) {
+        if self.cookies.is_empty() || !headers.contains_key(COOKIE) {
+            return;
+        }
+        let rewritten: Vec<HeaderValue> = headers
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|value| self.without_token_cookies(value))
+            .collect();
+        headers.remove(COOKIE);
+        for value in rewritten {
+            headers.append(COOKIE, value);
+        }
+    }
+
+    /// Returns `value` without the configured cookies, `None` when no
+    /// cookie is left. Pairs without `=` are kept as they came.
+    fn without_token_cookies(&self, value: &HeaderValue) -> Option<HeaderValue> {
+        let kept: Vec<&[u8]> = value
+            .as_bytes()
+            .split(|b| *b == b';')
+            .map(trim_blanks)
+            .filter(|pair| !pair.is_empty())
+            .filter(|pair| {
+                let name = pair
+                    .iter()
+                    .position(|b| *b == b'=')
+                    .map_or(&pair[..0], |equals| trim_blanks(&pair[..equals]));
+                !self.cookies.iter().any(|wanted| wanted.as_bytes() == name)
+            })
+            .collect();
+        if kept.is_empty() {
+            return None;
+        }
+        // The pieces come from a valid header value and are joined with
+        // visible ASCII, so the result is valid too.
+        HeaderValue::from_bytes(&kept.join(&b"; "[..])).ok()
+    }
+}
+
+/// Keeps only the values of header `name` for which `keep` is true.
+fn retain_values(headers: &mut HeaderMap, name: &HeaderName, keep: impl Fn(&HeaderValue) -> bool) {
+    if !headers.get_all(name).iter().any(|value| !keep(value)) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(name)
+        .iter()
+        .filter(|value| keep(value))
+        .cloned()
+        .collect();
+    headers.remove(name);
+    for value in kept {
+        headers.append(name.clone(), value);
     }
 }
 
@@ -206,7 +301,7 @@ mod tests {
     use http::HeaderValue;
 
     use super::*;
-    use crate::config::HeaderSource;
+    use crate::config::{CorsPreflight, ForwardMode, HeaderSource};
 
     /// Request headers, and the expected result of `extract`.
     type Case = (
@@ -230,6 +325,9 @@ mod tests {
                 })
                 .collect(),
             from_cookies: cookies.iter().map(|c| (*c).to_owned()).collect(),
+            forward: ForwardMode::default(),
+            claim_to_headers: Vec::new(),
+            cors_preflight: CorsPreflight::default(),
             rules: Vec::new(),
         }
     }
@@ -459,5 +557,106 @@ mod tests {
         ]);
 
         assert_eq!(sources.extract(&both), Err(Reason::MultipleTokens));
+    }
+
+    #[test]
+    fn locate_names_source() {
+        let sources = TokenSources::new(&workload(
+            &[("Authorization", "Bearer "), ("X-Token", "")],
+            &["session"],
+        ));
+        let cases = [
+            (
+                ("authorization", format!("bearer {TOKEN}")),
+                TokenLocation::Header(AUTHORIZATION),
+            ),
+            (
+                ("x-token", TOKEN.to_owned()),
+                TokenLocation::Header(HeaderName::from_static("x-token")),
+            ),
+            (
+                ("cookie", format!("a=1; session={TOKEN}")),
+                TokenLocation::Cookie("session".to_owned()),
+            ),
+        ];
+
+        for (pair, location) in cases {
+            let headers = header_map(std::slice::from_ref(&pair));
+
+            let found = sources.locate(&headers);
+
+            assert_eq!(
+                found,
+                Ok(Some(FoundToken {
+                    token: TOKEN,
+                    location
+                })),
+                "{pair:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn strip_removes_tokens_only() {
+        let sources = TokenSources::new(&workload(
+            &[("Authorization", "Bearer "), ("X-Token", "")],
+            &["session", "alt"],
+        ));
+        let mut headers = header_map(&[
+            ("authorization", format!("Bearer {TOKEN}")),
+            ("authorization", "Basic dXNlcjpwdw==".to_owned()),
+            ("x-token", OTHER.to_owned()),
+            ("cookie", format!("theme=dark; session={TOKEN}; lang=en")),
+            ("cookie", format!("alt={OTHER}")),
+            ("accept", "text/plain".to_owned()),
+        ]);
+
+        sources.strip(&mut headers);
+
+        let authorization: Vec<_> = headers.get_all(AUTHORIZATION).iter().collect();
+        assert_eq!(authorization, ["Basic dXNlcjpwdw=="]);
+        assert!(!headers.contains_key("x-token"));
+        let cookies: Vec<_> = headers.get_all(COOKIE).iter().collect();
+        assert_eq!(cookies, ["theme=dark; lang=en"]);
+        assert_eq!(headers["accept"], "text/plain");
+        assert_eq!(sources.extract(&headers), Ok(None));
+    }
+
+    #[test]
+    fn strip_cookies_keeps_neighbours() {
+        let sources = TokenSources::new(&workload(&[], &["session"]));
+        let cases = [
+            (format!("session={TOKEN}"), None),
+            (format!("a=1;session={TOKEN}"), Some("a=1")),
+            (format!(" session={TOKEN} ; b=2 ;flag"), Some("b=2; flag")),
+            ("Session=x; b=2".to_owned(), Some("Session=x; b=2")),
+            ("sessionx=1".to_owned(), Some("sessionx=1")),
+        ];
+
+        for (value, expected) in cases {
+            let mut headers = header_map(&[("cookie", value.clone())]);
+
+            sources.strip_cookies(&mut headers);
+
+            assert_eq!(
+                headers.get(COOKIE).map(|v| v.to_str().expect("ASCII")),
+                expected,
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn strip_keeps_binary_cookie_bytes() {
+        let sources = TokenSources::new(&workload(&[], &["session"]));
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            COOKIE,
+            HeaderValue::from_bytes(b"pref=caf\xe9; session=abc").expect("obs-text value"),
+        );
+
+        sources.strip(&mut headers);
+
+        assert_eq!(headers[COOKIE].as_bytes(), b"pref=caf\xe9");
     }
 }

@@ -52,6 +52,95 @@ pub(crate) fn claim_matches(value: &Value, accepted: &[String]) -> bool {
     }
 }
 
+/// True when `claim` equals `expected` by JSON type: a number equals a
+/// number of the same value (`3` and `3.0`), a string only a string, a
+/// boolean only a boolean; arrays and objects compare element by element.
+pub(crate) fn json_equals(claim: &Value, expected: &Value) -> bool {
+    match (claim, expected) {
+        (Value::Number(left), Value::Number(right)) => numbers_equal(left, right),
+        (Value::Array(left), Value::Array(right)) => {
+            left.len() == right.len()
+                && left
+                    .iter()
+                    .zip(right)
+                    .all(|(left, right)| json_equals(left, right))
+        }
+        (Value::Object(left), Value::Object(right)) => {
+            left.len() == right.len()
+                && left
+                    .iter()
+                    .all(|(key, left)| right.get(key).is_some_and(|right| json_equals(left, right)))
+        }
+        (left, right) => left == right,
+    }
+}
+
+fn numbers_equal(left: &serde_json::Number, right: &serde_json::Number) -> bool {
+    if let (Some(left), Some(right)) = (as_integer(left), as_integer(right)) {
+        return left == right;
+    }
+    // Exact comparison on purpose: JSON numbers that print the same parse
+    // to the same `f64`, and a tolerance would accept values not written.
+    match (left.as_f64(), right.as_f64()) {
+        #[expect(clippy::float_cmp, reason = "claim values are compared exactly")]
+        (Some(left), Some(right)) => left == right,
+        _ => false,
+    }
+}
+
+fn as_integer(number: &serde_json::Number) -> Option<i128> {
+    number
+        .as_i64()
+        .map(i128::from)
+        .or_else(|| number.as_u64().map(i128::from))
+}
+
+/// True when `claim` is an array with an element equal to `expected`, or a
+/// string whose space-separated words include the string `expected` (the
+/// OAuth `scope` form).
+pub(crate) fn json_contains(claim: &Value, expected: &Value) -> bool {
+    match (claim, expected) {
+        (Value::Array(items), _) => items.iter().any(|item| json_equals(item, expected)),
+        (Value::String(text), Value::String(word)) => {
+            text.split_whitespace().any(|candidate| candidate == word)
+        }
+        _ => false,
+    }
+}
+
+/// Returns the text a path segment is compared with: a string claim as it
+/// is, an integer claim in decimal. Other types bind no segment, because
+/// their text form is ambiguous.
+pub(crate) fn segment_text(claim: &Value) -> Option<String> {
+    match claim {
+        Value::String(text) => Some(text.clone()),
+        Value::Number(number) => as_integer(number).map(|integer| integer.to_string()),
+        _ => None,
+    }
+}
+
+/// Returns the value of an identity header for `claim`: a string as it is,
+/// numbers and booleans as JSON text, an array's elements joined with `,`
+/// (strings as they are, others as JSON text), an object as JSON. Null is
+/// no value.
+pub(crate) fn header_text(claim: &Value) -> Option<String> {
+    match claim {
+        Value::Null => None,
+        Value::String(text) => Some(text.clone()),
+        Value::Array(items) => Some(
+            items
+                .iter()
+                .map(|item| match item {
+                    Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        other => Some(other.to_string()),
+    }
+}
+
 /// Adds the words of a list claim: an array of strings, or one string of
 /// space-separated words (the OAuth `scope` form). Other elements are
 /// ignored, because a role or scope is a string.
@@ -168,5 +257,68 @@ mod tests {
         assert_eq!(scopes(&both), ["read", "write", "admin"]);
         assert_eq!(scopes(&scp_string), ["read"]);
         assert!(scopes(&neither).is_empty());
+    }
+
+    #[test]
+    fn json_equals_by_type() {
+        let cases: &[(Value, Value, bool)] = &[
+            (json!("true"), json!(true), false),
+            (json!(true), json!(true), true),
+            (json!(3), json!(3.0), true),
+            (json!(3), json!("3"), false),
+            (json!(u64::MAX), json!(u64::MAX), true),
+            (json!(-1), json!(u64::MAX), false),
+            (json!(["a", 1]), json!(["a", 1.0]), true),
+            (json!(["a"]), json!("a"), false),
+            (json!({"a": [1]}), json!({"a": [1]}), true),
+            (json!({"a": 1}), json!({"a": 1, "b": 2}), false),
+            (json!(null), json!(null), true),
+        ];
+        for (claim, expected, equal) in cases {
+            assert_eq!(json_equals(claim, expected), *equal, "{claim} = {expected}");
+        }
+    }
+
+    #[test]
+    fn json_contains_cases() {
+        let cases: &[(Value, Value, bool)] = &[
+            (json!(["a", "b"]), json!("b"), true),
+            (json!([1, 2]), json!(2.0), true),
+            (json!([1, 2]), json!("2"), false),
+            (json!([true]), json!(true), true),
+            (json!("read write"), json!("write"), true),
+            (json!("read write"), json!("wri"), false),
+            (json!("b"), json!("b"), true),
+            (json!(2), json!(2), false),
+        ];
+        for (claim, expected, contained) in cases {
+            assert_eq!(
+                json_contains(claim, expected),
+                *contained,
+                "{claim} has {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn segment_and_header_text() {
+        assert_eq!(segment_text(&json!("alice")).as_deref(), Some("alice"));
+        assert_eq!(segment_text(&json!(42)).as_deref(), Some("42"));
+        assert_eq!(segment_text(&json!(4.5)), None);
+        assert_eq!(segment_text(&json!(true)), None);
+        assert_eq!(segment_text(&json!(["alice"])), None);
+
+        assert_eq!(header_text(&json!("alice")).as_deref(), Some("alice"));
+        assert_eq!(header_text(&json!(7)).as_deref(), Some("7"));
+        assert_eq!(header_text(&json!(false)).as_deref(), Some("false"));
+        assert_eq!(
+            header_text(&json!(["a", 2, true])).as_deref(),
+            Some("a,2,true")
+        );
+        assert_eq!(
+            header_text(&json!({"k": "v"})).as_deref(),
+            Some(r#"{"k":"v"}"#)
+        );
+        assert_eq!(header_text(&json!(null)), None);
     }
 }

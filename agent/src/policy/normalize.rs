@@ -34,9 +34,20 @@ pub fn normalize_path(raw: &str) -> Option<String> {
     }
     let decoded = decode_unreserved(path)?;
 
+    // RFC 3986 §5.2.4 keeps empty segments while it removes dot segments,
+    // but servers that merge slashes first (nginx, this function) drop them:
+    // `/admin//../public` is `/admin/public` to one and `/public` to the
+    // other. A path mixing the two has no single meaning, so it is rejected.
+    let segments: Vec<&str> = decoded[1..].split('/').collect();
+    let last = segments.len() - 1;
+    let has_empty = segments[..last].iter().any(|segment| segment.is_empty());
+    if has_empty && segments.contains(&"..") {
+        return None;
+    }
+
     let mut kept: Vec<&str> = Vec::new();
     let mut trailing_slash = false;
-    for segment in decoded[1..].split('/') {
+    for segment in segments {
         trailing_slash = matches!(segment, "" | "." | "..");
         match segment {
             "" | "." => {}
@@ -113,6 +124,32 @@ fn decode_unreserved(path: &str) -> Option<String> {
     Some(out)
 }
 
+/// Decodes every percent escape of a normalised path segment, for
+/// comparing it with a claim. Returns `None` when the bytes are not UTF-8.
+pub(crate) fn percent_decode(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut position = 0;
+
+    while position < bytes.len() {
+        let escape = (bytes[position] == b'%')
+            .then(|| {
+                let high = hex_value(*bytes.get(position + 1)?)?;
+                let low = hex_value(*bytes.get(position + 2)?)?;
+                Some(high * 16 + low)
+            })
+            .flatten();
+        if let Some(value) = escape {
+            out.push(value);
+            position += 3;
+        } else {
+            out.push(bytes[position]);
+            position += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +172,10 @@ mod tests {
             ("/admin/.", Some("/admin/")),
             ("/admin/x/..", Some("/admin/")),
             ("/..", Some("/")),
+            ("/admin//../public", None),
+            ("/admin/users//../../public/x", None),
+            ("//x/%2e%2e/y", None),
+            ("/x/../y/", Some("/y/")),
             ("/admin?x=1", Some("/admin")),
             ("/a%20b", Some("/a%20b")),
             ("/a%3fb", Some("/a%3Fb")),
@@ -172,7 +213,7 @@ mod tests {
 
     #[test]
     fn normalize_path_is_idempotent() {
-        for raw in ["/a/./b/../c//d/", "/%61/%2e%2e/b", "/x%3a", "/"] {
+        for raw in ["/a/./b/../c/d/", "/a/./c//d/", "/%61/%2e%2e/b", "/x%3a", "/"] {
             let once = normalize_path(raw).expect("valid path");
 
             assert_eq!(
@@ -180,6 +221,22 @@ mod tests {
                 Some(once.as_str()),
                 "raw path {raw:?}"
             );
+        }
+    }
+
+    #[test]
+    fn percent_decode_cases() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("alice", Some("alice")),
+            ("al%40ice", Some("al@ice")),
+            ("%C3%A4", Some("\u{e4}")),
+            ("a%20b", Some("a b")),
+            ("%FF", None),
+            ("100%", Some("100%")),
+        ];
+
+        for (segment, expected) in cases {
+            assert_eq!(percent_decode(segment).as_deref(), *expected, "{segment:?}");
         }
     }
 }
