@@ -7,16 +7,21 @@
 //! subject. Nothing decides through this module.
 
 mod collectors;
+mod verification;
 
 use std::sync::Arc;
 
+use jsonwebtoken::Algorithm;
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
 use crate::bpf::PodSteering;
+use crate::cache::TokenCache;
 use crate::decision::Reason;
 use crate::jwks::IssuerKeys;
+use crate::revocation::Revocations;
 
 use self::collectors::{IssuerCollector, SteeringCollector};
+use self::verification::{CacheCollector, RevocationCollector};
 
 /// Namespace of every series: the `tokengate_` prefix.
 pub const NAMESPACE: &str = "tokengate";
@@ -35,6 +40,17 @@ pub const RESULT_VALID: &str = "valid";
 /// `issuer` label for a token whose `iss` names no configured issuer. The raw
 /// value comes from the caller and would make the label set unbounded.
 pub const ISSUER_UNKNOWN: &str = "unknown";
+
+/// `algorithm` label for a token whose `alg` could not be read or is not a
+/// JWS algorithm that jsonwebtoken supports.
+pub const ALGORITHM_UNKNOWN: &str = "unknown";
+
+/// `cache` label of a verification served from the verified-token cache.
+pub const CACHE_HIT: &str = "hit";
+
+/// `cache` label of a verification that checked the signature (the cache
+/// missed or is disabled).
+pub const CACHE_MISS: &str = "miss";
 
 /// Failure to create or register a series.
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +82,12 @@ impl Metrics {
         let verification_duration = HistogramVec::new(
             HistogramOpts::new(
                 "verification_duration_seconds",
-                "Time spent verifying one token, by issuer and result.",
+                "Time spent verifying one token (cache lookup, signature and claims, \
+                 revocation), by issuer, algorithm, cache hit or miss, and result.",
             )
             .namespace(NAMESPACE)
             .buckets(VERIFICATION_BUCKETS.to_vec()),
-            &["issuer", "result"],
+            &["issuer", "algorithm", "cache", "result"],
         )
         .map_err(|source| MetricsError::Register {
             name: "verification_duration_seconds",
@@ -135,6 +152,18 @@ impl Metrics {
         register(&self.registry, "jwks_*", IssuerCollector::new(issuers))
     }
 
+    /// Exports the JWKS series of `issuers` in place of the registered
+    /// ones, after a configuration reload changed the issuers.
+    pub fn replace_issuers(&self, issuers: Vec<Arc<IssuerKeys>>) -> Result<(), MetricsError> {
+        // The registry identifies a collector by its series descriptions,
+        // so an empty collector of the same kind unregisters the old one.
+        // An error means none was registered, which is fine here.
+        let _ = self
+            .registry
+            .unregister(Box::new(IssuerCollector::new(Vec::new())));
+        self.register_issuers(issuers)
+    }
+
     /// Creates the decision series of `workload` at zero, so that rates exist
     /// before the first request.
     pub fn register_workload(&self, workload: &str) {
@@ -152,11 +181,39 @@ impl Metrics {
         self.steering.add(workload, steering);
     }
 
+    /// Stops exporting the steering counters of a detached workload.
+    pub fn remove_steering(&self, workload: &str) {
+        self.steering.remove(workload);
+    }
+
+    /// Exports the verified-token cache series, read at every scrape.
+    pub fn register_token_cache(&self, cache: Arc<TokenCache>) -> Result<(), MetricsError> {
+        register(&self.registry, "token_cache_*", CacheCollector::new(cache))
+    }
+
+    /// Exports the revocation list series, read at every scrape.
+    pub fn register_revocation(&self, revocations: Arc<Revocations>) -> Result<(), MetricsError> {
+        register(
+            &self.registry,
+            "revocation_*",
+            RevocationCollector::new(revocations),
+        )
+    }
+
     /// Records one verification. `issuer` must be a configured issuer or
-    /// [`ISSUER_UNKNOWN`]; `result` is [`RESULT_VALID`] or a `Reason` name.
-    pub fn observe_verification(&self, issuer: &str, result: &str, seconds: f64) {
+    /// [`ISSUER_UNKNOWN`]; `algorithm` comes from [`algorithm_label`];
+    /// `cache` is [`CACHE_HIT`] or [`CACHE_MISS`]; `result` is
+    /// [`RESULT_VALID`] or a `Reason` name.
+    pub fn observe_verification(
+        &self,
+        issuer: &str,
+        algorithm: &str,
+        cache: &str,
+        result: &str,
+        seconds: f64,
+    ) {
         self.verification_duration
-            .with_label_values(&[issuer, result])
+            .with_label_values(&[issuer, algorithm, cache, result])
             .observe(seconds);
     }
 
@@ -170,6 +227,36 @@ impl Metrics {
     /// Returns the counter of audit events lost to a full queue.
     pub fn audit_events_dropped(&self) -> IntCounter {
         self.audit_events_dropped.clone()
+    }
+}
+
+/// Returns the `algorithm` label of a token's `alg` header value: the JWS
+/// name for an algorithm that jsonwebtoken supports, else
+/// [`ALGORITHM_UNKNOWN`], so a caller cannot add label values.
+pub fn algorithm_label(alg: &str) -> &'static str {
+    alg.parse::<Algorithm>()
+        .map_or(ALGORITHM_UNKNOWN, algorithm_name)
+}
+
+/// Returns the JWS name (RFC 7518 §3.1, RFC 8037 §3.1) of `alg`, or
+/// [`ALGORITHM_UNKNOWN`] for a variant this function does not list.
+pub fn algorithm_name(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::HS256 => "HS256",
+        Algorithm::HS384 => "HS384",
+        Algorithm::HS512 => "HS512",
+        Algorithm::ES256 => "ES256",
+        Algorithm::ES384 => "ES384",
+        Algorithm::RS256 => "RS256",
+        Algorithm::RS384 => "RS384",
+        Algorithm::RS512 => "RS512",
+        Algorithm::PS256 => "PS256",
+        Algorithm::PS384 => "PS384",
+        Algorithm::PS512 => "PS512",
+        Algorithm::EdDSA => "EdDSA",
+        // `Algorithm` is non-exhaustive; a variant added later is unknown
+        // here until it is listed.
+        _ => ALGORITHM_UNKNOWN,
     }
 }
 
@@ -233,20 +320,81 @@ mod tests {
     fn histogram_uses_explicit_buckets() {
         let metrics = Metrics::new().unwrap();
 
-        metrics.observe_verification("https://issuer.test", RESULT_VALID, 0.000_04);
+        metrics.observe_verification(
+            "https://issuer.test",
+            "ES256",
+            CACHE_MISS,
+            RESULT_VALID,
+            0.000_04,
+        );
 
         let text = encode(&metrics);
         assert!(
             text.contains(
-                r#"tokengate_verification_duration_seconds_bucket{issuer="https://issuer.test",result="valid",le="0.00001"} 0"#
+                r#"tokengate_verification_duration_seconds_bucket{algorithm="ES256",cache="miss",issuer="https://issuer.test",result="valid",le="0.00001"} 0"#
             ),
             "{text}"
         );
         assert!(
             text.contains(
-                r#"tokengate_verification_duration_seconds_bucket{issuer="https://issuer.test",result="valid",le="0.00005"} 1"#
+                r#"tokengate_verification_duration_seconds_bucket{algorithm="ES256",cache="miss",issuer="https://issuer.test",result="valid",le="0.00005"} 1"#
             ),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn algorithm_labels_are_bounded() {
+        let cases = [
+            ("RS256", "RS256"),
+            ("EdDSA", "EdDSA"),
+            ("HS512", "HS512"),
+            ("rs256", ALGORITHM_UNKNOWN),
+            ("none", ALGORITHM_UNKNOWN),
+            ("x-made-up", ALGORITHM_UNKNOWN),
+        ];
+
+        for (alg, expected) in cases {
+            assert_eq!(algorithm_label(alg), expected, "{alg}");
+        }
+    }
+
+    #[test]
+    fn cache_and_revocation_series_are_exported() {
+        use crate::config::{CacheConfig, RevocationConfig};
+        use crate::revocation::RevocationPoller;
+
+        let metrics = Metrics::new().unwrap();
+        let cache = Arc::new(TokenCache::new(&CacheConfig::default(), Vec::new()));
+        let (_, unconfigured) = RevocationPoller::new(&RevocationConfig::default(), &[]);
+        let configured = RevocationConfig {
+            url: Some("http://127.0.0.1:9/revoked.json".to_owned()),
+            ..RevocationConfig::default()
+        };
+        let (_, revocations) = RevocationPoller::new(&configured, &[]);
+        cache.lookup("token", 0);
+
+        metrics.register_token_cache(Arc::clone(&cache)).unwrap();
+        metrics.register_revocation(revocations).unwrap();
+
+        let text = encode(&metrics);
+        for expected in [
+            "tokengate_token_cache_entries 0",
+            "tokengate_token_cache_hits_total 0",
+            "tokengate_token_cache_misses_total 1",
+            r#"tokengate_revocation_entries{kind="jti"} 0"#,
+            r#"tokengate_revocation_entries{kind="subject"} 0"#,
+            "tokengate_revocation_list_age_seconds ",
+            r#"tokengate_revocation_refreshes_total{result="failure"} 0"#,
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+        }
+
+        let other = Metrics::new().unwrap();
+        other.register_revocation(unconfigured).unwrap();
+        assert!(
+            !encode(&other).contains("tokengate_revocation_list_age_seconds"),
+            "no age without a source"
         );
     }
 

@@ -932,7 +932,7 @@ async fn admin_routes_and_metrics() {
         r#"tokengate_decisions_total{decision="deny",reason="missing_token",workload="orders"} 1"#,
         r#"tokengate_decisions_total{decision="allow",reason="allowed",workload="orders"} 1"#,
         r#"tokengate_decisions_total{decision="deny",reason="expired",workload="orders"} 0"#,
-        r#"tokengate_verification_duration_seconds_count{issuer="https://issuer.tokengate.test",result="valid"} 1"#,
+        r#"tokengate_verification_duration_seconds_count{algorithm="RS256",cache="miss",issuer="https://issuer.tokengate.test",result="valid"} 1"#,
         r#"tokengate_jwks_keys{issuer="https://issuer.tokengate.test"} 3"#,
         r#"tokengate_jwks_fetches_total{issuer="https://issuer.tokengate.test",result="success"} 1"#,
         "tokengate_audit_events_dropped_total 0",

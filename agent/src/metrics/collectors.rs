@@ -23,8 +23,11 @@ pub(super) struct IssuerCollector {
 
 struct IssuerSeries {
     fetches: IntCounterVec,
+    unknown_kid_refetches: IntCounterVec,
     keys: IntGaugeVec,
     last_success: GaugeVec,
+    key_set_age: GaugeVec,
+    stale: IntGaugeVec,
 }
 
 impl IssuerCollector {
@@ -36,8 +39,36 @@ impl IssuerCollector {
                 &["issuer", "result"],
             )
             .expect("static metric options are valid"),
+            unknown_kid_refetches: IntCounterVec::new(
+                Opts::new(
+                    "jwks_unknown_kid_refetches_total",
+                    "JWKS refetches requested by a token with an unknown kid, by outcome \
+                     (fetched, or rate_limited when one ran less than unknown_kid_refetch_seconds ago).",
+                )
+                .namespace(NAMESPACE),
+                &["issuer", "outcome"],
+            )
+            .expect("static metric options are valid"),
             keys: IntGaugeVec::new(
                 Opts::new("jwks_keys", "Keys in the issuer's current key set.").namespace(NAMESPACE),
+                &["issuer"],
+            )
+            .expect("static metric options are valid"),
+            key_set_age: GaugeVec::new(
+                Opts::new(
+                    "jwks_key_set_age_seconds",
+                    "Seconds since the issuer's key set was last loaded successfully; absent before the first load.",
+                )
+                .namespace(NAMESPACE),
+                &["issuer"],
+            )
+            .expect("static metric options are valid"),
+            stale: IntGaugeVec::new(
+                Opts::new(
+                    "jwks_key_set_stale",
+                    "1 while the issuer's key set is past its lifetime but still used because refreshes fail.",
+                )
+                .namespace(NAMESPACE),
                 &["issuer"],
             )
             .expect("static metric options are valid"),
@@ -53,8 +84,11 @@ impl IssuerCollector {
         };
         let descs = [
             series.fetches.desc(),
+            series.unknown_kid_refetches.desc(),
             series.keys.desc(),
             series.last_success.desc(),
+            series.key_set_age.desc(),
+            series.stale.desc(),
         ]
         .into_iter()
         .flatten()
@@ -77,8 +111,11 @@ impl Collector for IssuerCollector {
     fn collect(&self) -> Vec<MetricFamily> {
         let series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
         series.fetches.reset();
+        series.unknown_kid_refetches.reset();
         series.keys.reset();
         series.last_success.reset();
+        series.key_set_age.reset();
+        series.stale.reset();
 
         for keys in &self.issuers {
             let issuer = keys.config.issuer.as_str();
@@ -92,9 +129,31 @@ impl Collector for IssuerCollector {
                 .with_label_values(&[issuer, "failure"])
                 .inc_by(stats.fetch_failure);
             series
+                .unknown_kid_refetches
+                .with_label_values(&[issuer, "fetched"])
+                .inc_by(stats.unknown_kid_refetches);
+            series
+                .unknown_kid_refetches
+                .with_label_values(&[issuer, "rate_limited"])
+                .inc_by(stats.unknown_kid_refetches_limited);
+            series
                 .keys
                 .with_label_values(&[issuer])
                 .set(i64::try_from(stats.keys).unwrap_or(i64::MAX));
+            series
+                .stale
+                .with_label_values(&[issuer])
+                .set(i64::from(stats.stale));
+            if let Some(age) = stats.key_set_age_seconds {
+                #[expect(
+                    clippy::cast_precision_loss,
+                    reason = "an age in seconds fits a 53-bit mantissa"
+                )]
+                series
+                    .key_set_age
+                    .with_label_values(&[issuer])
+                    .set(age as f64);
+            }
             if let Some(unix) = stats.last_success_unix {
                 #[expect(
                     clippy::cast_precision_loss,
@@ -108,8 +167,11 @@ impl Collector for IssuerCollector {
         }
 
         let mut families = series.fetches.collect();
+        families.extend(series.unknown_kid_refetches.collect());
         families.extend(series.keys.collect());
         families.extend(series.last_success.collect());
+        families.extend(series.key_set_age.collect());
+        families.extend(series.stale.collect());
         families
     }
 }
@@ -156,6 +218,14 @@ impl SteeringCollector {
             .unwrap_or_else(PoisonError::into_inner);
         pods.retain(|(name, _)| name != workload);
         pods.push((workload.to_owned(), steering));
+    }
+
+    pub(super) fn remove(&self, workload: &str) {
+        self.inner
+            .pods
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(name, _)| name != workload);
     }
 }
 
