@@ -4,8 +4,7 @@
 //! workloads attached). It binds nothing itself; `app` passes the listener.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -25,42 +24,67 @@ use crate::proxy::{Shutdown, ACCEPT_ERROR_BACKOFF};
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Readiness state for `/readyz`: every issuer has keys and every
-/// workload's program is attached with the proxy serving its listener.
+/// workload's program is attached with the proxy serving its listener. A
+/// configuration reload changes both lists.
 pub struct Readiness {
-    issuers: Vec<Arc<IssuerKeys>>,
-    workloads: Vec<(String, AtomicBool)>,
+    issuers: RwLock<Vec<Arc<IssuerKeys>>>,
+    /// Configured workloads in configuration order, with whether each one
+    /// is attached and served.
+    workloads: RwLock<Vec<(String, bool)>>,
 }
 
 impl Readiness {
     /// Starts with every workload not attached.
     pub fn new(issuers: Vec<Arc<IssuerKeys>>, workloads: impl IntoIterator<Item = String>) -> Self {
-        let workloads = workloads
-            .into_iter()
-            .map(|name| (name, AtomicBool::new(false)))
-            .collect();
-        Self { issuers, workloads }
+        let workloads = workloads.into_iter().map(|name| (name, false)).collect();
+        Self {
+            issuers: RwLock::new(issuers),
+            workloads: RwLock::new(workloads),
+        }
     }
 
     /// Records whether `workload` is attached and served.
     pub fn set_attached(&self, workload: &str, attached: bool) {
-        for (name, flag) in &self.workloads {
+        let mut workloads = self.workloads.write().unwrap_or_else(PoisonError::into_inner);
+        for (name, flag) in workloads.iter_mut() {
             if name == workload {
-                flag.store(attached, Ordering::Release);
+                *flag = attached;
             }
         }
     }
 
+    /// Adds `workload`, not attached, unless it is listed already.
+    pub fn add_workload(&self, workload: &str) {
+        let mut workloads = self.workloads.write().unwrap_or_else(PoisonError::into_inner);
+        if !workloads.iter().any(|(name, _)| name == workload) {
+            workloads.push((workload.to_owned(), false));
+        }
+    }
+
+    /// Removes a workload that left the configuration.
+    pub fn remove_workload(&self, workload: &str) {
+        self.workloads
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(name, _)| name != workload);
+    }
+
+    /// Replaces the issuers whose keys readiness requires.
+    pub fn set_issuers(&self, issuers: Vec<Arc<IssuerKeys>>) {
+        *self.issuers.write().unwrap_or_else(PoisonError::into_inner) = issuers;
+    }
+
     /// Lists what is not ready, one short line each; empty when ready.
     pub fn not_ready(&self) -> Vec<String> {
-        let issuers = self
-            .issuers
+        let issuers = self.issuers.read().unwrap_or_else(PoisonError::into_inner);
+        let workloads = self.workloads.read().unwrap_or_else(PoisonError::into_inner);
+        let issuers = issuers
             .iter()
             .filter(|keys| !keys.is_ready())
             .map(|keys| format!("issuer {} has no keys yet", keys.config.issuer));
-        let workloads = self
-            .workloads
+        let workloads = workloads
             .iter()
-            .filter(|(_, attached)| !attached.load(Ordering::Acquire))
+            .filter(|(_, attached)| !attached)
             .map(|(name, _)| format!("workload {name} is not attached"));
 
         issuers.chain(workloads).collect()
@@ -247,6 +271,24 @@ mod tests {
         assert!(body_text(response)
             .await
             .contains("tokengate_decisions_total"));
+    }
+
+    #[test]
+    fn readyz_follows_workload_changes() {
+        let state = state(&["orders"]);
+        state.readiness.set_attached("orders", true);
+
+        state.readiness.add_workload("billing");
+        state.readiness.add_workload("orders");
+        assert_eq!(
+            state.readiness.not_ready(),
+            ["workload billing is not attached"]
+        );
+        state.readiness.remove_workload("billing");
+
+        assert!(state.readiness.not_ready().is_empty());
+        let response = route(&state, &Request::get("/readyz").body(()).unwrap());
+        assert_eq!(response.status(), StatusCode::OK);
     }
 
     #[test]

@@ -3,12 +3,16 @@
 //!
 //! [`Core`] is the part that needs no privileges (metrics, audit, key
 //! stores, verifier, readiness); in-process tests start it as the agent
-//! does. [`run`] adds the admin listener, the eBPF steering and one proxy per
-//! workload inside its pod's network namespace.
+//! does. [`Agent`] adds the protected workloads and applies configuration
+//! reloads to both. [`run`] adds the admin listener, the eBPF steering and
+//! one proxy per workload inside its pod's network namespace.
 
+mod agent;
+mod issuers;
 mod workload;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,17 +20,24 @@ use anyhow::Context as _;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use self::issuers::IssuerSet;
+use self::workload::NetnsEnroll;
 use crate::admin::{self, AdminState, Readiness};
 use crate::audit::{AuditSink, AuditWriter};
 use crate::bpf::Steering;
-use crate::config::{Config, WorkloadConfig};
+use crate::cache::TokenCache;
+use crate::config::{Config, IssuerConfig, WorkloadConfig};
 use crate::jwks::IssuerKeys;
 use crate::metrics::Metrics;
 use crate::proxy::{DrainController, Shared, WorkloadProxy};
+use crate::reload::{ConfigFile, ReloadMetrics};
+use crate::revocation::RevocationPoller;
 use crate::verify::Verifier;
+
+pub use self::agent::{Agent, Enroll};
 
 /// Time the audit writer gets to write out its queue at exit. Connections
 /// still open after the drain deadline keep their audit handles, so the wait
@@ -44,10 +55,16 @@ pub const REFRESH_STOP_TIMEOUT: Duration = Duration::from_millis(500);
 /// The unprivileged parts of the agent, shared by every workload.
 pub struct Core {
     pub metrics: Metrics,
+    /// Key stores of the issuers in force; a reload replaces the list.
     pub issuers: Vec<Arc<IssuerKeys>>,
+    /// The parts that a proxy built now gets; a reload replaces them.
     pub shared: Shared,
     pub readiness: Arc<Readiness>,
+    pub reload_metrics: ReloadMetrics,
     audit_writer: AuditWriter,
+    issuer_set: IssuerSet,
+    /// Stops the background tasks in `refresh_tasks` at exit. The issuers'
+    /// key refreshes are not among them: `issuer_set` stops those.
     stop_refresh: watch::Sender<bool>,
     refresh_tasks: Vec<JoinHandle<()>>,
 }
@@ -70,21 +87,33 @@ impl Core {
                 .context("while opening the audit output")?,
         };
 
-        let issuers: Vec<Arc<IssuerKeys>> = config
-            .issuers
-            .iter()
-            .map(|issuer| Arc::new(IssuerKeys::new(issuer.clone())))
-            .collect();
+        let reload_metrics = ReloadMetrics::register(metrics.registry())
+            .context("while registering the reload metrics")?;
+        reload_metrics.record_initial_load();
+
+        let issuer_set = IssuerSet::start(&config.issuers);
+        let issuers = issuer_set.keys();
         let (stop_refresh, refresh_stopped) = watch::channel(false);
-        let refresh_tasks = issuers
-            .iter()
-            .map(|keys| tokio::spawn(Arc::clone(keys).run(refresh_stopped.clone())))
-            .collect();
+        let mut refresh_tasks = Vec::new();
         metrics
             .register_issuers(issuers.clone())
             .context("while registering the JWKS metrics")?;
 
-        let verifier = Arc::new(Verifier::new(issuers.clone()));
+        // The first revocation refresh completes before any request is
+        // served, so a reachable list is in force from the start.
+        let (mut revocation_poller, revocations) =
+            RevocationPoller::new(&config.revocation, &config.issuers);
+        revocation_poller.refresh().await;
+        refresh_tasks.push(tokio::spawn(revocation_poller.run(refresh_stopped)));
+        let token_cache = Arc::new(TokenCache::new(&config.cache, issuers.clone()));
+        metrics
+            .register_token_cache(Arc::clone(&token_cache))
+            .context("while registering the token cache metrics")?;
+        metrics
+            .register_revocation(Arc::clone(&revocations))
+            .context("while registering the revocation metrics")?;
+
+        let verifier = build_verifier(&issuers);
         let readiness = Arc::new(Readiness::new(
             issuers.clone(),
             config
@@ -97,6 +126,8 @@ impl Core {
             issuers: issuers.clone(),
             audit,
             metrics: metrics.clone(),
+            token_cache,
+            revocations,
         };
 
         Ok(Self {
@@ -104,10 +135,37 @@ impl Core {
             issuers,
             shared,
             readiness,
+            reload_metrics,
             audit_writer,
+            issuer_set,
             stop_refresh,
             refresh_tasks,
         })
+    }
+
+    /// Applies a reloaded issuer list: issuers named in `replace` and new
+    /// ones get new key stores, removed ones stop refreshing, the rest keep
+    /// their keys. Builds a new verifier over the result; proxies built
+    /// afterwards use it, proxies built before keep the old one.
+    pub(crate) async fn update_issuers(&mut self, issuers: &[IssuerConfig], replace: &[String]) {
+        self.issuer_set.update(issuers, replace).await;
+        self.issuers = self.issuer_set.keys();
+
+        self.shared = Shared {
+            verifier: build_verifier(&self.issuers),
+            issuers: self.issuers.clone(),
+            ..self.shared.clone()
+        };
+        self.shared
+            .token_cache
+            .replace_issuers(self.issuers.clone());
+        if let Err(error) = self.metrics.replace_issuers(self.issuers.clone()) {
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "failed to export the JWKS series of the reloaded issuers"
+            );
+        }
+        self.readiness.set_issuers(self.issuers.clone());
     }
 
     /// Builds the request path of `workload` and creates its decision
@@ -132,10 +190,12 @@ impl Core {
         let Self {
             shared,
             audit_writer,
+            issuer_set,
             stop_refresh,
             refresh_tasks,
             ..
         } = self;
+        issuer_set.stop().await;
         stop_refresh.send_replace(true);
         for task in refresh_tasks {
             // A fetch in flight ends at its timeout; exit does not wait for it.
@@ -159,6 +219,12 @@ impl Core {
     }
 }
 
+/// Builds the verifier over the issuers' key stores; the start and every
+/// reload use this, so both verify alike.
+fn build_verifier(issuers: &[Arc<IssuerKeys>]) -> Arc<Verifier> {
+    Arc::new(Verifier::new(issuers.to_vec()))
+}
+
 /// Binds the admin listener on `address` and logs the bound address, which
 /// differs from `address` when it has port 0.
 pub async fn bind_admin(address: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -172,20 +238,28 @@ pub async fn bind_admin(address: SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
-/// Runs the agent until SIGTERM or SIGINT, then drains and returns.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    // Installed first, so a signal during startup still drains cleanly.
+/// Runs the agent with the configuration file at `path` until SIGTERM or
+/// SIGINT, then drains and returns. A changed file or SIGHUP reloads the
+/// configuration.
+pub async fn run(path: &Path) -> anyhow::Result<()> {
+    // Installed first, so a signal during startup still drains cleanly, and
+    // SIGHUP, whose default action ends the process, cannot stop it.
     let mut terminate =
         signal(SignalKind::terminate()).context("while installing the SIGTERM handler")?;
     let mut interrupt =
         signal(SignalKind::interrupt()).context("while installing the SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("while installing the SIGHUP handler")?;
+
+    let mut file = ConfigFile::new(path);
+    let loaded = file.load()?;
+    let config = &loaded.config;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %config.redacted_summary(),
         "tokengate starting"
     );
 
-    let core = Core::start(&config, None).await?;
+    let core = Core::start(config, None).await?;
     let admin_drain = DrainController::new();
     let admin_listener = bind_admin(config.admin.listen).await?;
     tokio::spawn(admin::serve(
@@ -196,48 +270,40 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let steering =
         Steering::new(&config.interception).context("while preparing the eBPF steering program")?;
-    let proxy_drain = DrainController::new();
-    let mut running = Vec::new();
-    for workload in &config.workloads {
-        match workload::start(&config, workload, &core, &steering, &proxy_drain).await {
-            Ok(started) => running.push(started),
-            // NOTE: a workload that fails here (its namespace not created
-            // yet, say) is not retried; `/readyz` keeps reporting it.
-            Err(error) => {
-                tracing::error!(workload = %workload.name, error = format!("{error:#}"), "failed to protect workload");
-            }
-        }
-    }
+    let enroll = NetnsEnroll::new(steering, &config.interception);
+    let mut agent = Agent::new(core, enroll, file, loaded);
+    let protected = agent.protect_all().await;
     tracing::info!(
-        protected = running.len(),
-        configured = config.workloads.len(),
+        protected,
+        configured = agent.running_config().workloads.len(),
         "tokengate running"
     );
 
-    let received = tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
-    };
+    let (reload_requests, mut requests) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP received, reloading the configuration");
+            if reload_requests.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    let received = agent
+        .watch(&mut requests, async {
+            tokio::select! {
+                _ = terminate.recv() => "SIGTERM",
+                _ = interrupt.recv() => "SIGINT",
+            }
+        })
+        .await;
+
+    let drain_seconds = agent.running_config().drain_seconds;
     tracing::info!(
         signal = received,
-        drain_seconds = config.drain_seconds,
+        drain_seconds,
         "shutting down, draining connections"
     );
-
-    let drained = proxy_drain
-        .drain(Duration::from_secs(config.drain_seconds))
-        .await;
-    if drained {
-        tracing::info!("all connections drained");
-    } else {
-        tracing::warn!(
-            drain_seconds = config.drain_seconds,
-            "drain deadline passed, closing remaining connections"
-        );
-    }
-    for started in running {
-        started.stop();
-    }
+    let core = agent.shutdown().await;
 
     admin_drain.drain(ADMIN_DRAIN_TIMEOUT).await;
     core.stop().await;

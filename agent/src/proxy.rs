@@ -13,23 +13,27 @@ mod connection;
 mod drain;
 mod forward;
 mod headers;
+mod identity;
 mod respond;
 mod upstream;
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::audit::AuditSink;
-use crate::config::WorkloadConfig;
+use crate::cache::TokenCache;
+use crate::config::{ForwardMode, WorkloadConfig};
 use crate::extract::TokenSources;
 use crate::jwks::IssuerKeys;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::revocation::Revocations;
 use crate::verify::Verifier;
 
+pub use self::authorize::Authorization;
 pub use self::drain::{DrainController, Shutdown};
 pub use self::upstream::{LoopbackUpstream, NetnsUpstream, Upstream};
 
@@ -45,6 +49,10 @@ pub struct Shared {
     pub issuers: Vec<Arc<IssuerKeys>>,
     pub audit: AuditSink,
     pub metrics: Metrics,
+    /// Verified tokens by SHA-256, consulted before the verifier.
+    pub token_cache: Arc<TokenCache>,
+    /// The revocation list in force, checked for cached and fresh tokens.
+    pub revocations: Arc<Revocations>,
 }
 
 /// One workload's request path: its ports, token sources and rules, plus
@@ -58,6 +66,14 @@ pub struct WorkloadProxy {
     /// have them removed through `Connection`, so the service receives the
     /// token that was verified.
     token_headers: Vec<String>,
+    /// What the service receives of a verified token.
+    forward: ForwardMode,
+    /// Claim path and header name of each `claim_to_headers` entry.
+    claim_headers: Vec<(String, http::HeaderName)>,
+    /// True when `Authorization` is not one of the token sources. A bearer
+    /// credential there was then never verified, so it is removed before
+    /// the service could act on it.
+    strip_unverified_bearer: bool,
     shared: Shared,
 }
 
@@ -76,12 +92,30 @@ impl WorkloadProxy {
             token_headers.push(http::header::COOKIE.as_str().to_owned());
         }
 
+        // Validation rejects invalid header names; one that slips through
+        // is left out rather than failing the whole workload.
+        let claim_headers = config
+            .claim_to_headers
+            .iter()
+            .filter_map(|entry| {
+                let name = http::HeaderName::from_bytes(entry.header.as_bytes()).ok()?;
+                Some((entry.claim.clone(), name))
+            })
+            .collect();
+
+        let strip_unverified_bearer = !token_headers
+            .iter()
+            .any(|name| name == http::header::AUTHORIZATION.as_str());
+
         Self {
             name: config.name.clone(),
             ports: config.ports.clone(),
             sources: TokenSources::new(config),
-            policy: Policy::new(&config.rules),
+            policy: Policy::for_workload(config),
             token_headers,
+            strip_unverified_bearer,
+            forward: config.forward,
+            claim_headers,
             shared,
         }
     }
@@ -89,6 +123,31 @@ impl WorkloadProxy {
     /// Returns the workload's name, as in audit events and metric labels.
     pub fn name(&self) -> &str {
         &self.name
+    }
+}
+
+/// A workload's current request path, replaced by a config reload. Each
+/// request loads the current [`WorkloadProxy`] when it starts and keeps that
+/// `Arc` to its end, so a reload never changes a request in flight.
+pub struct ProxySlot {
+    current: RwLock<Arc<WorkloadProxy>>,
+}
+
+impl ProxySlot {
+    pub fn new(proxy: Arc<WorkloadProxy>) -> Self {
+        Self {
+            current: RwLock::new(proxy),
+        }
+    }
+
+    /// Returns the current request path.
+    pub fn load(&self) -> Arc<WorkloadProxy> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Makes `proxy` the request path of every request that starts from now.
+    pub fn store(&self, proxy: Arc<WorkloadProxy>) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = proxy;
     }
 }
 
@@ -100,10 +159,22 @@ pub async fn serve<U: Upstream>(
     listener: TcpListener,
     upstream: Arc<U>,
     proxy: Arc<WorkloadProxy>,
+    shutdown: Shutdown,
+) {
+    serve_slot(listener, upstream, Arc::new(ProxySlot::new(proxy)), shutdown).await;
+}
+
+/// Like [`serve`], with the request path read from `slot` for each request,
+/// so that a config reload applies to connections already open.
+pub async fn serve_slot<U: Upstream>(
+    listener: TcpListener,
+    upstream: Arc<U>,
+    slot: Arc<ProxySlot>,
     mut shutdown: Shutdown,
 ) {
     let local = listener.local_addr().ok();
-    tracing::info!(workload = %proxy.name, listener.addr = ?local, "proxy accepting connections");
+    let name = slot.load().name.clone();
+    tracing::info!(workload = %name, listener.addr = ?local, "proxy accepting connections");
 
     loop {
         let accepted = tokio::select! {
@@ -114,9 +185,9 @@ pub async fn serve<U: Upstream>(
         match accepted {
             Ok((stream, peer)) => {
                 let span =
-                    tracing::debug_span!("connection", workload = %proxy.name, client.addr = %peer);
+                    tracing::debug_span!("connection", workload = %name, client.addr = %peer);
                 let task = connection::serve_connection(
-                    Arc::clone(&proxy),
+                    Arc::clone(&slot),
                     Arc::clone(&upstream),
                     stream,
                     peer,
@@ -125,12 +196,12 @@ pub async fn serve<U: Upstream>(
                 tokio::spawn(task.instrument(span));
             }
             Err(error) => {
-                tracing::error!(workload = %proxy.name, %error, "failed to accept a connection");
+                tracing::error!(workload = %name, %error, "failed to accept a connection");
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
             }
         }
     }
 
     drop(listener);
-    tracing::info!(workload = %proxy.name, listener.addr = ?local, "proxy stopped accepting connections");
+    tracing::info!(workload = %name, listener.addr = ?local, "proxy stopped accepting connections");
 }

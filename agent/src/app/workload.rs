@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
-use super::Core;
-use crate::bpf::{PodSteering, Steering};
-use crate::config::{Config, WorkloadConfig};
+use super::{Core, Enroll};
+use crate::bpf::{remove_pins, PodSteering, Steering};
+use crate::config::{InterceptionConfig, WorkloadConfig};
 use crate::netns::PodNetns;
-use crate::proxy::{self, DrainController, NetnsUpstream};
+use crate::proxy::{self, NetnsUpstream, ProxySlot, Shutdown};
 
 /// Listen address inside the pod. The address only has to exist there,
 /// because the `sk_lookup` program hands the listener every connection to a
@@ -21,19 +21,94 @@ const LISTEN_V4: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOC
 /// IPv6 counterpart of [`LISTEN_V4`].
 const LISTEN_V6: SocketAddr = SocketAddr::new(std::net::IpAddr::V6(Ipv6Addr::LOCALHOST), 0);
 
+/// Protects workloads through their pods' network namespaces and the
+/// eBPF steering program.
+pub(super) struct NetnsEnroll {
+    steering: Steering,
+    reserved_source_v4: Ipv4Addr,
+    reserved_source_v6: Ipv6Addr,
+}
+
+impl NetnsEnroll {
+    /// Uses the interception settings of the start: a reload does not
+    /// change them.
+    pub(super) fn new(steering: Steering, interception: &InterceptionConfig) -> Self {
+        Self {
+            steering,
+            reserved_source_v4: interception.reserved_source_v4,
+            reserved_source_v6: interception.reserved_source_v6,
+        }
+    }
+}
+
 /// A protected workload. Dropping it leaves the steering program attached
 /// and pinned, so the pod's protected ports stay closed while no agent
 /// serves them.
 pub(super) struct RunningWorkload {
     name: String,
-    _netns: Arc<PodNetns>,
-    _steering: Arc<PodSteering>,
+    netns: Arc<PodNetns>,
+    steering: Arc<PodSteering>,
+    /// Duplicates of the listeners the proxy serves, so that a change of
+    /// ports can attach the program anew with the same sockets.
+    listener_v4: std::net::TcpListener,
+    listener_v6: Option<std::net::TcpListener>,
 }
 
-impl RunningWorkload {
-    pub(super) fn stop(self) {
+impl Enroll for NetnsEnroll {
+    type Enrolled = RunningWorkload;
+
+    async fn enroll(
+        &self,
+        core: &Core,
+        workload: &WorkloadConfig,
+        slot: Arc<ProxySlot>,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<RunningWorkload> {
+        start(self, workload, core, slot, shutdown).await
+    }
+
+    fn set_ports(
+        &self,
+        core: &Core,
+        enrolled: &mut RunningWorkload,
+        workload: &WorkloadConfig,
+    ) -> anyhow::Result<()> {
+        // Attaching again reuses the pinned maps, rewrites the ports map to
+        // exactly the new ports and swaps the pinned link atomically.
+        let steering = self
+            .steering
+            .attach(
+                workload,
+                enrolled.netns.file(),
+                &enrolled.listener_v4,
+                enrolled.listener_v6.as_ref(),
+            )
+            .context("while attaching the steering program with the new ports")?;
+        let steering = Arc::new(steering);
+        core.metrics
+            .add_steering(&workload.name, Arc::clone(&steering));
+        enrolled.steering = steering;
+        Ok(())
+    }
+
+    fn detach(&self, core: &Core, enrolled: RunningWorkload) -> anyhow::Result<()> {
+        let RunningWorkload { name, steering, .. } = enrolled;
+        core.metrics.remove_steering(&name);
+
+        // A scrape may hold the program for a moment; removing the pins by
+        // path detaches the link all the same.
+        match Arc::try_unwrap(steering) {
+            Ok(steering) => steering.detach()?,
+            Err(_shared) => {
+                remove_pins(self.steering.pin_path(), &name)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&self, enrolled: RunningWorkload) {
         tracing::info!(
-            workload = %self.name,
+            workload = %enrolled.name,
             "workload no longer served; its steering program stays attached and drops new connections"
         );
     }
@@ -41,12 +116,12 @@ impl RunningWorkload {
 
 /// Creates the pod's listeners, attaches the steering program to them and
 /// starts the proxy on each.
-pub(super) async fn start(
-    config: &Config,
+async fn start(
+    enroll: &NetnsEnroll,
     workload: &WorkloadConfig,
     core: &Core,
-    steering: &Steering,
-    drain: &DrainController,
+    slot: Arc<ProxySlot>,
+    shutdown: Shutdown,
 ) -> anyhow::Result<RunningWorkload> {
     let name = &workload.name;
     let netns = PodNetns::open(&workload.netns).with_context(|| {
@@ -71,7 +146,8 @@ pub(super) async fn start(
         }
     };
 
-    let pod_steering = steering
+    let pod_steering = enroll
+        .steering
         .attach(workload, netns.file(), &listener_v4, listener_v6.as_ref())
         .context("while attaching the steering program")?;
     let pod_steering = Arc::new(pod_steering);
@@ -85,27 +161,36 @@ pub(super) async fn start(
     );
     core.metrics.add_steering(name, Arc::clone(&pod_steering));
 
-    let proxy = core.workload_proxy(workload);
+    let kept_v4 = listener_v4
+        .try_clone()
+        .context("while duplicating the IPv4 pod listener")?;
+    let kept_v6 = listener_v6
+        .as_ref()
+        .map(std::net::TcpListener::try_clone)
+        .transpose()
+        .context("while duplicating the IPv6 pod listener")?;
+
     let upstream = Arc::new(NetnsUpstream::new(
         Arc::clone(&netns),
-        config.interception.reserved_source_v4,
-        config.interception.reserved_source_v6,
+        enroll.reserved_source_v4,
+        enroll.reserved_source_v6,
     ));
     for listener in std::iter::once(listener_v4).chain(listener_v6) {
         let listener = into_tokio(listener)?;
-        tokio::spawn(proxy::serve(
+        tokio::spawn(proxy::serve_slot(
             listener,
             Arc::clone(&upstream),
-            Arc::clone(&proxy),
-            drain.handle(),
+            Arc::clone(&slot),
+            shutdown.clone(),
         ));
     }
-    core.readiness.set_attached(name, true);
 
     Ok(RunningWorkload {
         name: name.clone(),
-        _netns: netns,
-        _steering: pod_steering,
+        netns,
+        steering: pod_steering,
+        listener_v4: kept_v4,
+        listener_v6: kept_v6,
     })
 }
 
