@@ -18,24 +18,32 @@ use super::authorize::Authorization;
 use super::forward::Forwarder;
 use super::headers::{prepare_request, prepare_response};
 use super::respond::{deny, ProxyBody};
-use super::{Shutdown, Upstream, WorkloadProxy};
+use super::{ProxySlot, Shutdown, Upstream, WorkloadProxy};
 use crate::audit::AuditEvent;
-use crate::decision::Reason;
+use crate::decision::{Decision, Reason};
 
 /// Time a caller has to send a request's header section. hyper's default;
 /// it bounds how long a slow caller can hold a connection open without
 /// sending a request.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Maximum size of a request's header section, in bytes. Envoy's default
+/// limit is 60 KiB; 64 KiB leaves room for a token at the largest
+/// `max_token_bytes` an issuer is likely to set. Because hyper's own URI
+/// limit is just below this, an oversized head is always answered 431,
+/// which is what the audit event records.
+pub const MAX_REQUEST_HEAD_BYTES: usize = 64 * 1024;
+
 /// Serves one accepted connection until the caller closes it, an error
 /// ends it, or shutdown lets its current request finish.
 pub(super) async fn serve_connection<U: Upstream>(
-    proxy: Arc<WorkloadProxy>,
+    slot: Arc<ProxySlot>,
     upstream: Arc<U>,
     stream: TcpStream,
     source: SocketAddr,
     mut shutdown: Shutdown,
 ) {
+    let proxy = slot.load();
     // With sk_lookup steering the accepted socket's local address is the
     // address the caller connected to.
     let destination = match stream.local_addr() {
@@ -65,7 +73,7 @@ pub(super) async fn serve_connection<U: Upstream>(
 
     let context = Arc::new(RequestContext {
         forwarder: Forwarder::new(upstream, destination),
-        proxy: Arc::clone(&proxy),
+        proxy: slot,
         source,
         destination,
     });
@@ -77,6 +85,7 @@ pub(super) async fn serve_connection<U: Upstream>(
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_HEAD_BYTES)
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
@@ -99,7 +108,9 @@ pub(super) async fn serve_connection<U: Upstream>(
             tracing::debug!(%error, "malformed request, connection closed");
             let mut event =
                 AuditEvent::new(&proxy.name, Reason::MalformedRequest, source, destination);
-            if error.is_parse() && !error.is_parse_version_h2() {
+            if error.is_parse_too_large() {
+                event.status = Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.as_u16());
+            } else if error.is_parse() && !error.is_parse_version_h2() {
                 event.status = Some(StatusCode::BAD_REQUEST.as_u16());
             }
             proxy.record(event);
@@ -113,7 +124,9 @@ pub(super) async fn serve_connection<U: Upstream>(
 
 /// Per-connection state that each request's handler reads.
 struct RequestContext<U> {
-    proxy: Arc<WorkloadProxy>,
+    /// Loaded at the start of each request, so a keep-alive connection
+    /// gets the rules of a config reload from its next request on.
+    proxy: Arc<ProxySlot>,
     forwarder: Forwarder<U>,
     source: SocketAddr,
     destination: SocketAddr,
@@ -122,7 +135,7 @@ struct RequestContext<U> {
 impl<U: Upstream> RequestContext<U> {
     /// Decides one request, then forwards it or rejects it.
     async fn handle(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
-        let proxy = &self.proxy;
+        let proxy = &self.proxy.load();
         let mut event = AuditEvent::new(
             &proxy.name,
             Reason::MissingToken,
@@ -140,9 +153,14 @@ impl<U: Upstream> RequestContext<U> {
             )
             .await;
         let reason = authorization.reason;
+        let allowed = reason.decision() == Decision::Allow;
+        if allowed {
+            prepare_request(&mut request, self.source.ip(), &proxy.token_headers);
+            proxy.rewrite_for_service(&mut request, &authorization);
+        }
         fill_event(&mut event, authorization);
 
-        if reason != Reason::Allowed {
+        if !allowed {
             tracing::debug!(
                 reason = reason.as_str(),
                 path = event.path.as_deref(),
@@ -154,7 +172,6 @@ impl<U: Upstream> RequestContext<U> {
             return response;
         }
 
-        prepare_request(&mut request, self.source.ip(), &proxy.token_headers);
         match self.forwarder.send(request).await {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
