@@ -61,8 +61,9 @@ pub enum Reason {
     NotYetValid,
     /// `aud` matches no configured audience.
     AudienceMismatch,
-    /// A claim the issuer requires is missing or has the wrong type or form
-    /// (`exp` as a string, `typ` or `sub` not as required, lifetime too long).
+    /// A claim has the wrong type or form (`exp` as a string or beyond the
+    /// year 9999), or `typ`, `sub` or the lifetime breaks the issuer's
+    /// requirement. A missing `exp` is `Expired`.
     InvalidClaims,
     /// The token's `jti`, or its subject at its `iat`, is on the revocation
     /// list.
