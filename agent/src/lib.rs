@@ -15,6 +15,7 @@ pub mod config;
 pub mod decision;
 pub mod explain;
 pub mod extract;
+pub mod http_client;
 pub mod jwks;
 pub mod metrics;
 pub mod netns;

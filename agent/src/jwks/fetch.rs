@@ -71,26 +71,9 @@ pub(super) struct Fetched {
 /// Builds the HTTP client of one issuer: the configured timeout for the
 /// whole exchange, and redirects that stay on HTTPS once HTTPS was used.
 pub(super) fn client(timeout: Duration) -> Result<reqwest::Client, FetchError> {
-    let policy = reqwest::redirect::Policy::custom(|attempt| {
-        let downgrade = attempt.previous().iter().any(|url| url.scheme() == "https")
-            && attempt.url().scheme() != "https";
-        if attempt.previous().len() > MAX_JWKS_REDIRECTS {
-            attempt.error("too many redirects")
-        } else if downgrade {
-            attempt.error("redirect from https to http")
-        } else {
-            attempt.follow()
-        }
-    });
-
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .redirect(policy)
-        .user_agent(concat!("tokengate/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|error| FetchError::Client {
-            message: error.to_string(),
-        })
+    crate::http_client::build(timeout, MAX_JWKS_REDIRECTS).map_err(|error| FetchError::Client {
+        message: error.to_string(),
+    })
 }
 
 /// Fetches and parses the JWKS at `uri`.

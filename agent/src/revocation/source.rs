@@ -236,26 +236,9 @@ fn install(
 /// Builds the HTTP client: the configured timeout for the whole exchange,
 /// and redirects that stay on HTTPS once HTTPS was used.
 fn client(timeout: Duration) -> Result<reqwest::Client, SourceError> {
-    let policy = reqwest::redirect::Policy::custom(|attempt| {
-        let downgrade = attempt.previous().iter().any(|url| url.scheme() == "https")
-            && attempt.url().scheme() != "https";
-        if attempt.previous().len() > MAX_REDIRECTS {
-            attempt.error("too many redirects")
-        } else if downgrade {
-            attempt.error("redirect from https to http")
-        } else {
-            attempt.follow()
-        }
-    });
-
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .redirect(policy)
-        .user_agent(concat!("tokengate/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|error| SourceError::Client {
-            message: error.to_string(),
-        })
+    crate::http_client::build(timeout, MAX_REDIRECTS).map_err(|error| SourceError::Client {
+        message: error.to_string(),
+    })
 }
 
 /// Fetches the body at `url`, at most [`MAX_DOCUMENT_BYTES`] of it.
