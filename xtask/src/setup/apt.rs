@@ -34,8 +34,10 @@ pub fn installed_version(name: &str) -> Option<String> {
     parse_status(&output)
 }
 
-/// Runs `apt-get update`, then installs `names` without recommended
-/// packages and without questions.
+/// Runs `apt-get update`, then installs `names` without questions.
+/// Recommended packages come along: bpf-linker's build against LLVM 22 was
+/// verified on a machine that installed them, so leaving them out is
+/// untested.
 pub fn install(names: &[&str]) -> anyhow::Result<()> {
     process::run(
         Command::new("apt-get")
@@ -45,7 +47,7 @@ pub fn install(names: &[&str]) -> anyhow::Result<()> {
     process::run(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "--no-install-recommends"])
+            .args(["install", "-y"])
             .args(names),
     )
 }
