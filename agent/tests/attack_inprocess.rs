@@ -8,6 +8,7 @@
 //! A failing `attack_*` test documents a bug in the agent; it is kept
 //! failing until the agent is fixed.
 
+use std::fmt::Write as _;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -435,7 +436,7 @@ async fn attack_alg_none_spellings() {
     for alg in ["none", "None", "NONE", "nOnE"] {
         let header = json!({"alg": alg, "typ": "JWT"}).to_string();
         let unsigned = format!("{}.{}.", b64(header.as_bytes()), b64(payload.as_bytes()));
-        let with_garbage = format!("{}AAAA", unsigned);
+        let with_garbage = format!("{unsigned}AAAA");
 
         expect_rejected(&mut harness, alg, &unsigned, "algorithm_not_allowed").await;
         expect_rejected(&mut harness, alg, &with_garbage, "algorithm_not_allowed").await;
@@ -908,11 +909,13 @@ async fn attack_many_cookies() {
     // Over hyper's limit of 100 header fields.
     let mut many_fields = String::from("GET /orders HTTP/1.1\r\nHost: orders.test\r\n");
     for index in 0..150 {
-        many_fields.push_str(&format!("Cookie: c{index}=v\r\n"));
+        writeln!(many_fields, "Cookie: c{index}=v\r").unwrap();
     }
-    many_fields.push_str(&format!(
+    write!(
+        many_fields,
         "Cookie: access_token={token}\r\nConnection: close\r\n\r\n"
-    ));
+    )
+    .unwrap();
     let reply = harness.exchange(many_fields.as_bytes()).await;
     assert_eq!(first_status(&reply), 431, "150 cookie fields: {reply}");
 

@@ -236,6 +236,10 @@ async fn wait_until(what: &str, condition: impl Fn() -> bool) -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario: each phase of the rotation reads best in sequence"
+)]
 async fn rotation_and_outage_cost_no_request() -> Result<()> {
     let server = JwksServer::start(jwks(&["rsa-1"])).await?;
     let config = issuer(

@@ -41,7 +41,7 @@ fn send(testbed: &Testbed, port: u16, request: &Request) -> Response {
         .expect("response")
 }
 
-/// Replaces the running agent's configuration file the way a ConfigMap
+/// Replaces the running agent's configuration file the way a `ConfigMap`
 /// update does: a new file renamed over the old one.
 fn write_config(testbed: &Testbed, yaml: &str) {
     let agent = testbed.agent();
@@ -74,10 +74,13 @@ fn wait_for_reloads(testbed: &Testbed, result: &str, count: f64) {
         .agent()
         .wait_for_metrics(RELOAD_TIMEOUT, |samples| reloads(samples, result) >= count)
         .expect("metrics");
-    assert_eq!(
-        reloads(&samples, result),
-        count,
-        "reloads with result {result}\n{}",
+    let actual = reloads(&samples, result);
+    // Counter values are whole numbers, exact in an f64.
+    #[expect(clippy::float_cmp, reason = "counters hold whole numbers")]
+    let matches = actual == count;
+    assert!(
+        matches,
+        "reloads with result {result}: {actual}, expected {count}\n{}",
         testbed.agent().log_tail()
     );
 }
