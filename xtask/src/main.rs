@@ -3,6 +3,7 @@
 //! Each command lives in its own module, and this file only parses the
 //! command line and dispatches. Commands print every external command they run.
 
+mod bench;
 mod build;
 mod demo;
 mod ebpf;
@@ -51,6 +52,8 @@ enum Command {
         #[arg(last = true)]
         test_args: Vec<OsString>,
     },
+    /// Benchmark tokengate against the direct path and nginx sidecars (needs root).
+    Bench(bench::Options),
     /// Build the agent in release and run it: `cargo xtask run -- ARGS`.
     Run {
         /// Arguments for the agent, after `--`.
@@ -90,5 +93,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo => demo::run(&root),
         Command::Test { test_args } => test::run(&root, &test_args),
         Command::Run { args } => run::run(&root, &args),
+        Command::Bench(options) => bench::run(&root, &options),
     }
 }
