@@ -9,12 +9,9 @@
 //! failing until the agent is fixed.
 
 use std::fmt::Write as _;
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
@@ -22,18 +19,21 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::server::conn::http1 as server;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use tokengate::app::{self, Core};
-use tokengate::proxy::{self, DrainController, LoopbackUpstream};
-use tokengate::{admin, verify};
+use tokengate::app::Core;
+use tokengate::proxy::DrainController;
+use tokengate::verify;
+
+#[path = "support/lib.rs"]
+mod support;
+
+use support::http::{bind_loopback, serve_http, JwksServer};
+use support::tokens::{fixture_key, fixture_path as fixture};
 
 /// Upper bound of every wait on a condition or a whole reply.
 const WAIT: Duration = Duration::from_secs(10);
@@ -61,7 +61,7 @@ struct Harness {
     proxy: SocketAddr,
     admin: SocketAddr,
     service: Service,
-    jwks_fetches: Arc<AtomicUsize>,
+    jwks: JwksServer,
     audit: mpsc::UnboundedReceiver<String>,
     _drain: DrainController,
     _admin_drain: DrainController,
@@ -74,59 +74,33 @@ impl Harness {
     }
 
     async fn start_with_sources(sources: &str) -> Self {
-        let (jwks, jwks_fetches) = start_jwks().await;
+        let jwks = JwksServer::start().await;
         let service = Service::start().await;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_address = listener.local_addr().unwrap();
-        let yaml = config_yaml(jwks, proxy_address.port(), sources);
+        let yaml = config_yaml(jwks.address, proxy_address.port(), sources);
         let config = tokengate::config::parse(&yaml, "attack.yaml").unwrap();
 
-        let (audit_output, audit_input) = tokio::io::duplex(1024 * 1024);
-        let (audit_lines, audit) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(audit_input).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if audit_lines.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let core = Core::start(&config, Some(Box::new(audit_output)))
-            .await
-            .unwrap();
-
-        let drain = DrainController::new();
-        let workload = core.workload_proxy(&config.workloads[0]);
-        let upstream = Arc::new(LoopbackUpstream::new(service.address));
-        tokio::spawn(proxy::serve(listener, upstream, workload, drain.handle()));
-        core.readiness.set_attached(WORKLOAD, true);
-
-        let admin_listener = app::bind_admin("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let admin_address = admin_listener.local_addr().unwrap();
-        let admin_drain = DrainController::new();
-        tokio::spawn(admin::serve(
-            admin_listener,
-            core.admin_state(),
-            admin_drain.handle(),
-        ));
+        let (audit_output, audit) = support::agent::capture_audit(1024 * 1024);
+        let serving = support::agent::start_serving(
+            &config,
+            Box::new(audit_output),
+            listener,
+            service.address,
+        )
+        .await;
 
         let harness = Self {
             proxy: proxy_address,
-            admin: admin_address,
+            admin: serving.admin,
             service,
-            jwks_fetches,
+            jwks,
             audit,
-            _drain: drain,
-            _admin_drain: admin_drain,
-            core,
+            _drain: serving.drain,
+            _admin_drain: serving.admin_drain,
+            core: serving.core,
         };
-        let deadline = Instant::now() + WAIT;
-        while !harness.core.issuers.iter().all(|keys| keys.is_ready()) {
-            assert!(Instant::now() < deadline, "keys not fetched in time");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        support::agent::wait_for_keys(&harness.core, WAIT).await;
         harness
     }
 
@@ -147,19 +121,13 @@ impl Harness {
 
     /// Returns the next audit event, parsed.
     async fn next_audit(&mut self) -> Value {
-        let line = tokio::time::timeout(WAIT, self.audit.recv())
-            .await
-            .expect("an audit line within the wait bound")
-            .expect("the audit output is open");
+        let line = self.next_audit_line().await;
         serde_json::from_str(&line).unwrap_or_else(|error| panic!("audit line {line:?}: {error}"))
     }
 
     /// Returns the next audit event as the raw line.
     async fn next_audit_line(&mut self) -> String {
-        tokio::time::timeout(WAIT, self.audit.recv())
-            .await
-            .expect("an audit line within the wait bound")
-            .expect("the audit output is open")
+        support::agent::next_audit_line(&mut self.audit, WAIT).await
     }
 
     /// Drops the audit events queued so far.
@@ -168,12 +136,7 @@ impl Harness {
     }
 
     async fn metrics_text(&self) -> String {
-        let mut stream = TcpStream::connect(self.admin).await.unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        read_reply(&mut stream).await
+        support::metrics::scrape(self.admin).await
     }
 }
 
@@ -238,50 +201,6 @@ fn bearer_get(target: &str, token: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Serves every request on `listener` with `handler` until the test ends.
-fn serve_http<F, Fut>(listener: TcpListener, handler: F)
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _peer)) = listener.accept().await else {
-                continue;
-            };
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let response = handler(request);
-                    async move { Ok::<_, Infallible>(response.await) }
-                });
-                let _ = server::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-}
-
-async fn start_jwks() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let fetches = Arc::new(AtomicUsize::new(0));
-    let document = Bytes::from(std::fs::read(fixture("jwks.json")).unwrap());
-    let counter = Arc::clone(&fetches);
-    serve_http(listener, move |_request| {
-        counter.fetch_add(1, Ordering::SeqCst);
-        let document = document.clone();
-        async move {
-            Response::builder()
-                .header("content-type", "application/json")
-                .body(Full::new(document))
-                .unwrap()
-        }
-    });
-    (address, fetches)
-}
-
 /// What the service received of one request.
 #[derive(Clone, Debug)]
 struct Seen {
@@ -299,11 +218,10 @@ struct Service {
 
 impl Service {
     async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
+        let (listener, address) = bind_loopback().await;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let record = Arc::clone(&seen);
-        serve_http(listener, move |request: Request<Incoming>| {
+        serve_http(listener, move |request: Request<Incoming>, _peer| {
             let record = Arc::clone(&record);
             async move {
                 let target = request.uri().to_string();
@@ -335,20 +253,8 @@ impl Service {
 
 // ----------------------------------------------------------------- tokens
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
-
 fn unix_now() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-    )
-    .unwrap()
+    i64::try_from(support::tokens::unix_now()).unwrap()
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -357,26 +263,7 @@ fn b64(bytes: &[u8]) -> String {
 
 /// Claims of a valid token for the `orders` audience with `roles`.
 fn claims(roles: &[&str]) -> Value {
-    let now = unix_now();
-    json!({
-        "iss": ISSUER,
-        "sub": "user-7",
-        "aud": "orders",
-        "iat": now - 10,
-        "exp": now + 300,
-        "roles": roles,
-    })
-}
-
-/// Returns the encoding key and algorithm of fixture key `name`.
-fn fixture_key(name: &str) -> (EncodingKey, Algorithm) {
-    let pem = std::fs::read(fixture(&format!("{name}.pem"))).unwrap();
-    match name.split('-').next().unwrap() {
-        "rsa" => (EncodingKey::from_rsa_pem(&pem).unwrap(), Algorithm::RS256),
-        "ec" => (EncodingKey::from_ec_pem(&pem).unwrap(), Algorithm::ES256),
-        "ed" => (EncodingKey::from_ed_pem(&pem).unwrap(), Algorithm::EdDSA),
-        other => panic!("no fixture key type {other}"),
-    }
+    support::tokens::user_claims(ISSUER, roles, 300)
 }
 
 /// Signs the exact header and payload text with fixture key `key_name`, so
@@ -544,9 +431,9 @@ async fn attack_kid_tricks() {
         expect_rejected(&mut harness, label, &token, reason).await;
     }
     assert!(
-        harness.jwks_fetches.load(Ordering::SeqCst) <= 2,
+        harness.jwks.fetches() <= 2,
         "unknown kids caused {} JWKS fetches",
-        harness.jwks_fetches.load(Ordering::SeqCst)
+        harness.jwks.fetches()
     );
 }
 
@@ -1451,9 +1338,9 @@ async fn attack_metric_labels_bounded() {
         "caller-chosen values added series {added:?}"
     );
     assert!(
-        harness.jwks_fetches.load(Ordering::SeqCst) <= 2,
+        harness.jwks.fetches() <= 2,
         "{} JWKS fetches for made-up kids",
-        harness.jwks_fetches.load(Ordering::SeqCst)
+        harness.jwks.fetches()
     );
 }
 

@@ -5,33 +5,25 @@
 //! `unknown_key` ask the issuer's key store for a rate-limited refetch and
 //! verify once more.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use hyper::StatusCode;
 use serde_json::{json, Value};
 use tokengate::config::IssuerConfig;
 use tokengate::decision::Reason;
 use tokengate::jwks::IssuerKeys;
 use tokengate::verify::Verifier;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+
+#[path = "support/lib.rs"]
+mod support;
+
+use support::http::ReplyServer;
+use support::tokens::{jwks_document, sign_with_kid, unix_now};
 
 const ISS: &str = "https://idp.example";
-const JWKS: &str = include_str!("../../tests/fixtures/jwks.json");
-const RSA_PEM: &str = include_str!("../../tests/fixtures/rsa-1.pem");
-const EC_PEM: &str = include_str!("../../tests/fixtures/ec-1.pem");
 
 /// Upper bound on waiting for a condition, so a broken refresh fails the
 /// test instead of hanging it.
@@ -40,133 +32,20 @@ const WAIT_LIMIT: Duration = Duration::from_secs(30);
 /// Pause between two verifications of the continuous traffic.
 const REQUEST_GAP: Duration = Duration::from_millis(20);
 
-/// What the server sends back.
-#[derive(Clone)]
-struct Reply {
-    status: u16,
-    body: Vec<u8>,
-    delay: Duration,
-}
-
-/// A JWKS server whose reply the test changes while it runs.
-struct JwksServer {
-    addr: SocketAddr,
-    reply: Arc<Mutex<Reply>>,
-    hits: Arc<AtomicUsize>,
-    task: JoinHandle<()>,
-}
-
-impl JwksServer {
-    async fn start(body: Vec<u8>) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let reply = Arc::new(Mutex::new(Reply {
-            status: 200,
-            body,
-            delay: Duration::ZERO,
-        }));
-        let hits = Arc::new(AtomicUsize::new(0));
-
-        let task = tokio::spawn({
-            let reply = Arc::clone(&reply);
-            let hits = Arc::clone(&hits);
-            async move {
-                while let Ok((stream, _)) = listener.accept().await {
-                    let reply = Arc::clone(&reply);
-                    let hits = Arc::clone(&hits);
-                    let service = service_fn(move |_request: Request<Incoming>| {
-                        hits.fetch_add(1, Ordering::SeqCst);
-                        let reply = reply.lock().expect("reply lock").clone();
-                        async move {
-                            tokio::time::sleep(reply.delay).await;
-                            let response = Response::builder()
-                                .status(reply.status)
-                                .header("content-type", "application/json")
-                                .body(Full::new(Bytes::from(reply.body)))
-                                .expect("response");
-                            Ok::<_, Infallible>(response)
-                        }
-                    });
-                    tokio::spawn(async move {
-                        // A client that times out mid-response is expected here.
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
-                    });
-                }
-            }
-        });
-        Ok(Self {
-            addr,
-            reply,
-            hits,
-            task,
-        })
-    }
-
-    fn uri(&self) -> String {
-        format!("http://{}/jwks.json", self.addr)
-    }
-
-    fn set(&self, status: u16, body: &[u8], delay: Duration) {
-        *self.reply.lock().expect("reply lock") = Reply {
-            status,
-            body: body.to_vec(),
-            delay,
-        };
-    }
-
-    fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for JwksServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
-}
-
-fn fixture_keys() -> Vec<Value> {
-    let document: Value = serde_json::from_str(JWKS).expect("fixture JWKS");
-    document["keys"].as_array().expect("keys").clone()
-}
-
-/// A JWKS document of the fixture keys with these `kid`s.
-fn jwks(kids: &[&str]) -> Vec<u8> {
-    let keys: Vec<Value> = fixture_keys()
-        .into_iter()
-        .filter(|key| kids.contains(&key["kid"].as_str().expect("kid")))
-        .collect();
-    serde_json::to_vec(&json!({ "keys": keys })).expect("serialize")
-}
-
-fn token(alg: Algorithm, pem: &str, kid: &str) -> String {
-    let key = match alg {
-        Algorithm::ES256 => EncodingKey::from_ec_pem(pem.as_bytes()),
-        _ => EncodingKey::from_rsa_pem(pem.as_bytes()),
-    }
-    .expect("fixture key");
-    let mut header = Header::new(alg);
-    header.kid = Some(kid.to_owned());
+/// Signs a token from [`ISS`], valid for an hour, with fixture key
+/// `key_name` under a header naming `kid`.
+fn token(key_name: &str, kid: &str) -> String {
     let now = unix_now();
     let claims = json!({"iss": ISS, "sub": "alice", "iat": now, "exp": now + 3600});
-    jsonwebtoken::encode(&header, &claims, &key).expect("sign")
+    sign_with_kid(key_name, kid, &claims)
 }
 
 fn old_token() -> String {
-    token(Algorithm::RS256, RSA_PEM, "rsa-1")
+    token("rsa-1", "rsa-1")
 }
 
 fn new_token() -> String {
-    token(Algorithm::ES256, EC_PEM, "ec-1")
+    token("ec-1", "ec-1")
 }
 
 fn issuer(uri: &str, changes: &Value) -> Result<IssuerConfig> {
@@ -241,9 +120,9 @@ async fn wait_until(what: &str, condition: impl Fn() -> bool) -> Result<()> {
     reason = "one scenario: each phase of the rotation reads best in sequence"
 )]
 async fn rotation_and_outage_cost_no_request() -> Result<()> {
-    let server = JwksServer::start(jwks(&["rsa-1"])).await?;
+    let server = ReplyServer::start(jwks_document(&["rsa-1"])).await;
     let config = issuer(
-        &server.uri(),
+        &server.url("/jwks.json"),
         &json!({
             "jwks_refresh_seconds": 1,
             "jwks_max_stale_seconds": 4,
@@ -273,7 +152,7 @@ async fn rotation_and_outage_cost_no_request() -> Result<()> {
 
     // The issuer publishes the new key beside the old one and starts
     // signing with it at once, before the agent's next refresh.
-    server.set(200, &jwks(&["rsa-1", "ec-1"]), Duration::ZERO);
+    server.set(StatusCode::OK, jwks_document(&["rsa-1", "ec-1"]));
     failures.extend(
         traffic(
             "both keys",
@@ -287,7 +166,7 @@ async fn rotation_and_outage_cost_no_request() -> Result<()> {
 
     // The issuer is down, then slow, then returns invalid JSON. The last
     // good keys stay in force within the tolerated staleness.
-    server.set(503, b"unavailable", Duration::ZERO);
+    server.set(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     failures.extend(
         traffic(
             "issuer down",
@@ -298,7 +177,11 @@ async fn rotation_and_outage_cost_no_request() -> Result<()> {
         )
         .await,
     );
-    server.set(200, &jwks(&["rsa-1", "ec-1"]), Duration::from_secs(3));
+    server.set_delayed(
+        StatusCode::OK,
+        jwks_document(&["rsa-1", "ec-1"]),
+        Duration::from_secs(3),
+    );
     failures.extend(
         traffic(
             "issuer slow",
@@ -309,7 +192,7 @@ async fn rotation_and_outage_cost_no_request() -> Result<()> {
         )
         .await,
     );
-    server.set(200, b"<html>maintenance</html>", Duration::ZERO);
+    server.set(StatusCode::OK, "<html>maintenance</html>");
     failures.extend(
         traffic(
             "issuer garbage",
@@ -323,9 +206,9 @@ async fn rotation_and_outage_cost_no_request() -> Result<()> {
     let during_outage = keys.stats();
 
     // Recovery, then the old key is withdrawn once no token uses it.
-    server.set(200, &jwks(&["rsa-1", "ec-1"]), Duration::ZERO);
+    server.set(StatusCode::OK, jwks_document(&["rsa-1", "ec-1"]));
     wait_until("fresh set after the outage", || !keys.stats().stale).await?;
-    server.set(200, &jwks(&["ec-1"]), Duration::ZERO);
+    server.set(StatusCode::OK, jwks_document(&["ec-1"]));
     wait_until("old key withdrawn", || keys.key_count() == 1).await?;
     failures.extend(
         traffic(
@@ -368,9 +251,9 @@ async fn rotation_and_outage_cost_no_request() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_dropped_after_max_staleness() -> Result<()> {
-    let server = JwksServer::start(jwks(&["rsa-1"])).await?;
+    let server = ReplyServer::start(jwks_document(&["rsa-1"])).await;
     let config = issuer(
-        &server.uri(),
+        &server.url("/jwks.json"),
         &json!({"jwks_refresh_seconds": 1, "jwks_max_stale_seconds": 1, "jwks_timeout_seconds": 1}),
     )?;
     let keys = Arc::new(IssuerKeys::new(config));
@@ -380,14 +263,14 @@ async fn keys_dropped_after_max_staleness() -> Result<()> {
     wait_until("first fetch", || keys.is_ready()).await?;
     let old = old_token();
 
-    server.set(503, b"unavailable", Duration::ZERO);
+    server.set(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     wait_until("keys dropped", || !keys.is_ready()).await?;
     let dropped = verifier
         .verify(&old, unix_now())
         .map(|_| ())
         .map_err(|f| f.reason);
     let stats = keys.stats();
-    server.set(200, &jwks(&["rsa-1"]), Duration::ZERO);
+    server.set(StatusCode::OK, jwks_document(&["rsa-1"]));
     wait_until("keys back", || keys.is_ready()).await?;
     let recovered = verifier.verify(&old, unix_now()).map(|_| ());
 
@@ -406,9 +289,9 @@ async fn keys_dropped_after_max_staleness() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_kid_flood_is_rate_limited() -> Result<()> {
     const FLOOD: usize = 500;
-    let server = JwksServer::start(jwks(&["rsa-1"])).await?;
+    let server = ReplyServer::start(jwks_document(&["rsa-1"])).await;
     let config = issuer(
-        &server.uri(),
+        &server.url("/jwks.json"),
         &json!({"jwks_refresh_seconds": 3600, "unknown_kid_refetch_seconds": 3600}),
     )?;
     let keys = Arc::new(IssuerKeys::new(config));
@@ -425,7 +308,7 @@ async fn random_kid_flood_is_rate_limited() -> Result<()> {
                 unix_now().wrapping_mul(index as u64 + 7)
             );
             tokio::spawn(async move {
-                let token = token(Algorithm::RS256, RSA_PEM, &kid);
+                let token = token("rsa-1", &kid);
                 verify_like_proxy(&verifier, &keys, &token).await
             })
         })

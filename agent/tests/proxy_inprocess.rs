@@ -3,12 +3,10 @@
 //! service behind the loopback upstream, and a real admin listener. Every
 //! wait is on a condition with the [`WAIT`] bound.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -16,18 +14,22 @@ use http_body_util::channel::Channel;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1 as client;
-use hyper::server::conn::http1 as server;
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 
-use tokengate::app::{self, Core};
-use tokengate::proxy::{self, DrainController, LoopbackUpstream};
-use tokengate::{admin, verify};
+use tokengate::app::Core;
+use tokengate::proxy::DrainController;
+use tokengate::verify;
+
+#[path = "support/lib.rs"]
+mod support;
+
+use support::http::{bind_loopback, serve_http, JwksServer};
+use support::tokens::sign;
+use support::wait_until;
 
 /// Upper bound of every wait on a condition.
 const WAIT: Duration = Duration::from_secs(10);
@@ -74,7 +76,7 @@ impl Harness {
     }
 
     async fn start_with(options: Options) -> Self {
-        let jwks = JwksServer::start(!options.jwks_down).await;
+        let jwks = JwksServer::start_with(!options.jwks_down).await;
         let service = TestService::start().await;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_address = listener.local_addr().unwrap();
@@ -88,57 +90,32 @@ impl Harness {
             tokengate::config::parse(&config_yaml(jwks.address, protected_port), "test.yaml")
                 .unwrap();
 
-        let (audit_output, audit_input) = tokio::io::duplex(64 * 1024);
-        let (audit_lines, audit) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(audit_input).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if audit_lines.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let core = Core::start(&config, Some(Box::new(audit_output)))
-            .await
-            .unwrap();
-
         let service_address = if options.service_down {
-            closed_port().await
+            support::http::closed_port().await
         } else {
             service.address
         };
-        let drain = DrainController::new();
-        let workload = core.workload_proxy(&config.workloads[0]);
-        let upstream = Arc::new(LoopbackUpstream::new(service_address));
-        tokio::spawn(proxy::serve(listener, upstream, workload, drain.handle()));
-        core.readiness.set_attached(WORKLOAD, true);
-
-        let admin_listener = app::bind_admin("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let admin_address = admin_listener.local_addr().unwrap();
-        let admin_drain = DrainController::new();
-        tokio::spawn(admin::serve(
-            admin_listener,
-            core.admin_state(),
-            admin_drain.handle(),
-        ));
+        let (audit_output, audit) = support::agent::capture_audit(64 * 1024);
+        let serving = support::agent::start_serving(
+            &config,
+            Box::new(audit_output),
+            listener,
+            service_address,
+        )
+        .await;
 
         let harness = Self {
             proxy: proxy_address,
-            admin: admin_address,
+            admin: serving.admin,
             service,
             jwks,
             audit,
-            drain: Some(drain),
-            _admin_drain: admin_drain,
-            core,
+            drain: Some(serving.drain),
+            _admin_drain: serving.admin_drain,
+            core: serving.core,
         };
         if !options.jwks_down {
-            wait_until("the issuer's keys are fetched", || {
-                harness.core.issuers.iter().all(|keys| keys.is_ready())
-            })
-            .await;
+            support::agent::wait_for_keys(&harness.core, WAIT).await;
         }
         harness
     }
@@ -151,10 +128,7 @@ impl Harness {
 
     /// Waits for the next audit line and returns it raw and parsed.
     async fn next_audit(&mut self) -> (String, Value) {
-        let line = tokio::time::timeout(WAIT, self.audit.recv())
-            .await
-            .expect("an audit line within the wait bound")
-            .expect("the audit output is open");
+        let line = support::agent::next_audit_line(&mut self.audit, WAIT).await;
         let value = serde_json::from_str(&line)
             .unwrap_or_else(|error| panic!("audit line {line:?}: {error}"));
         (line, value)
@@ -193,89 +167,6 @@ workloads:
     )
 }
 
-/// Polls `condition` until it holds, failing the test after [`WAIT`].
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// Returns an address on which nothing listens.
-async fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
-}
-
-/// Serves every request on `listener` with `handler`, one task per
-/// connection, until the test ends.
-fn serve_http<F, Fut, B>(listener: TcpListener, handler: F)
-where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<B>> + Send + 'static,
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                continue;
-            };
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let response = handler(request, peer);
-                    async move { Ok::<_, Infallible>(response.await) }
-                });
-                let _ = server::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-}
-
-// ------------------------------------------------------------ JWKS server
-
-struct JwksServer {
-    address: SocketAddr,
-    fetches: Arc<AtomicUsize>,
-}
-
-impl JwksServer {
-    async fn start(available: bool) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let fetches = Arc::new(AtomicUsize::new(0));
-        let document = Bytes::from(std::fs::read(fixture("jwks.json")).unwrap());
-
-        let counter = Arc::clone(&fetches);
-        serve_http(listener, move |_request, _peer| {
-            counter.fetch_add(1, Ordering::SeqCst);
-            let document = document.clone();
-            async move {
-                let (status, body) = if available {
-                    (StatusCode::OK, document)
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, Bytes::new())
-                };
-                Response::builder()
-                    .status(status)
-                    .header("content-type", "application/json")
-                    .body(Full::new(body))
-                    .unwrap()
-            }
-        });
-
-        Self { address, fetches }
-    }
-
-    fn fetches(&self) -> usize {
-        self.fetches.load(Ordering::SeqCst)
-    }
-}
-
 // ---------------------------------------------------------- test service
 
 /// What the service saw of one request.
@@ -303,8 +194,7 @@ type ServiceBody = Either<Either<Incoming, Full<Bytes>>, Channel<Bytes>>;
 
 impl TestService {
     async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
+        let (listener, address) = bind_loopback().await;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (uploaded_sender, uploaded) = watch::channel(0);
         let uploaded_sender = Arc::new(uploaded_sender);
@@ -439,48 +329,10 @@ fn request(method: &str, path: &str, token: Option<&str>, body: Bytes) -> Reques
 
 // ----------------------------------------------------------------- tokens
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
-
-fn unix_now() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-    )
-    .unwrap()
-}
-
 /// Claims from [`ISSUER`] for the `orders` audience, expiring
 /// `expires_in` seconds from now.
 fn claims(roles: &[&str], expires_in: i64) -> Value {
-    let now = unix_now();
-    json!({
-        "iss": ISSUER,
-        "sub": "user-7",
-        "aud": "orders",
-        "iat": now - 10,
-        "exp": now + expires_in,
-        "roles": roles,
-    })
-}
-
-/// Signs `claims` with the fixture key `kid` (the file name without `.pem`).
-fn sign(kid: &str, claims: &Value) -> String {
-    let pem = std::fs::read(fixture(&format!("{kid}.pem"))).unwrap();
-    let (algorithm, key) = match kid.split('-').next().unwrap() {
-        "rsa" => (Algorithm::RS256, EncodingKey::from_rsa_pem(&pem).unwrap()),
-        "ec" => (Algorithm::ES256, EncodingKey::from_ec_pem(&pem).unwrap()),
-        "ed" => (Algorithm::EdDSA, EncodingKey::from_ed_pem(&pem).unwrap()),
-        other => panic!("no fixture key type {other}"),
-    };
-    let mut header = Header::new(algorithm);
-    header.kid = Some(kid.to_owned());
-    jsonwebtoken::encode(&header, claims, &key).unwrap()
+    support::tokens::user_claims(ISSUER, roles, expires_in)
 }
 
 fn valid_token() -> String {
@@ -890,7 +742,7 @@ async fn missing_keys_deny_and_not_ready() {
         ..Options::STANDARD
     })
     .await;
-    wait_until("the agent has tried the JWKS server", || {
+    wait_until("the agent has tried the JWKS server", WAIT, || {
         harness.jwks.fetches() > 0
     })
     .await;
@@ -975,7 +827,7 @@ async fn drain_finishes_in_flight_request() {
         }
         flag.store(true, Ordering::SeqCst);
     });
-    wait_until("the proxy stops accepting", || {
+    wait_until("the proxy stops accepting", WAIT, || {
         refused.load(Ordering::SeqCst)
     })
     .await;

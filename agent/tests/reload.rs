@@ -4,22 +4,17 @@
 //! Every wait is on a condition with the [`WAIT`] bound.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::client::conn::http1 as client;
-use hyper::server::conn::http1 as server;
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -28,6 +23,12 @@ use tokengate::app::{Agent, Core, Enroll};
 use tokengate::config::WorkloadConfig;
 use tokengate::proxy::{self, LoopbackUpstream, ProxySlot, Shutdown};
 use tokengate::reload::{ConfigFile, ReloadMetrics, RESULT_FAILURE, RESULT_SUCCESS};
+
+#[path = "support/lib.rs"]
+mod support;
+
+use support::http::{bind_loopback, serve_http, JwksServer};
+use support::tokens::{sign, user_claims};
 
 /// Upper bound of every wait on a condition. A reload is seen within one
 /// poll period (one second); the rest is slack for a loaded machine.
@@ -89,7 +90,7 @@ impl Enroll for LoopbackEnroll {
 struct Harness {
     dir: tempfile::TempDir,
     jwks: SocketAddr,
-    jwks_fetches: Arc<AtomicUsize>,
+    jwks_server: JwksServer,
     /// Port of each workload's listener by name.
     ports: HashMap<String, u16>,
     ports_changes: Arc<AtomicUsize>,
@@ -104,7 +105,7 @@ impl Harness {
     /// harness's JWKS address and workload ports. `workloads` names every
     /// workload any version of the configuration uses.
     async fn start(workloads: &[&str], yaml: impl Fn(&Self) -> String) -> Self {
-        let (jwks, jwks_fetches) = start_jwks().await;
+        let jwks_server = JwksServer::start().await;
         let service = start_service().await;
 
         let mut listeners = HashMap::new();
@@ -120,8 +121,8 @@ impl Harness {
         let registry = prometheus::Registry::new();
         let mut harness = Self {
             dir: tempfile::tempdir().unwrap(),
-            jwks,
-            jwks_fetches,
+            jwks: jwks_server.address,
+            jwks_server,
             ports,
             ports_changes: Arc::clone(&ports_changes),
             reload_requests,
@@ -229,75 +230,16 @@ where
 
 // ----------------------------------------------------- servers and tokens
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
-
-/// Serves `handler` on `listener`, one task per connection.
-fn serve_http<F>(listener: TcpListener, handler: F)
-where
-    F: Fn() -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
-{
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |_request: Request<hyper::body::Incoming>| {
-                    let response = handler();
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                let _ = server::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-}
-
-async fn start_jwks() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let document = Bytes::from(std::fs::read(fixture("jwks.json")).unwrap());
-    let fetches = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&fetches);
-    serve_http(listener, move || {
-        counter.fetch_add(1, Ordering::SeqCst);
-        Response::builder()
-            .header("content-type", "application/json")
-            .body(Full::new(document.clone()))
-            .unwrap()
-    });
-    (address, fetches)
-}
-
 async fn start_service() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    serve_http(listener, || {
+    let (listener, address) = bind_loopback().await;
+    serve_http(listener, |_request, _peer| async {
         Response::new(Full::new(Bytes::from_static(b"hello")))
     });
     address
 }
 
 fn token(roles: &[&str]) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let claims = json!({
-        "iss": ISSUER,
-        "sub": "user-7",
-        "aud": "orders",
-        "iat": now - 10,
-        "exp": now + 300,
-        "roles": roles,
-    });
-    let pem = std::fs::read(fixture("rsa-1.pem")).unwrap();
-    let mut header = Header::new(Algorithm::RS256);
-    header.kid = Some("rsa-1".to_owned());
-    jsonwebtoken::encode(&header, &claims, &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap()
+    sign("rsa-1", &user_claims(ISSUER, roles, 300))
 }
 
 /// An HTTP/1.1 client connection to a proxy listener.
@@ -358,7 +300,7 @@ async fn file_change_applies_new_rule() {
     let port = harness.port("orders");
     let reader = token(&["reader"]);
     wait_for_status(port, "/orders", &reader, StatusCode::OK).await;
-    let fetches_before = harness.jwks_fetches.load(Ordering::SeqCst);
+    let fetches_before = harness.jwks_server.fetches();
 
     harness.write(&orders_config(harness.jwks, port, "admin", ""));
     wait_for_status(port, "/orders", &reader, StatusCode::FORBIDDEN).await;
@@ -370,7 +312,7 @@ async fn file_change_applies_new_rule() {
     assert_eq!(harness.reloads(RESULT_SUCCESS), 1);
     assert_eq!(harness.reloads(RESULT_FAILURE), 0);
     assert_eq!(
-        harness.jwks_fetches.load(Ordering::SeqCst),
+        harness.jwks_server.fetches(),
         fetches_before,
         "an unchanged issuer keeps its keys and fetches nothing"
     );
@@ -541,7 +483,7 @@ async fn changed_issuer_fetches_again() {
     let port = harness.port("orders");
     let reader = token(&["reader"]);
     wait_for_status(port, "/orders", &reader, StatusCode::OK).await;
-    let fetches_before = harness.jwks_fetches.load(Ordering::SeqCst);
+    let fetches_before = harness.jwks_server.fetches();
 
     // Another audience: the token's `aud` no longer fits.
     harness.write(
@@ -550,6 +492,6 @@ async fn changed_issuer_fetches_again() {
     );
     wait_for_status(port, "/orders", &reader, StatusCode::UNAUTHORIZED).await;
 
-    assert!(harness.jwks_fetches.load(Ordering::SeqCst) > fetches_before);
+    assert!(harness.jwks_server.fetches() > fetches_before);
     harness.stop().await;
 }

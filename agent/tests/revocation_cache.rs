@@ -10,24 +10,22 @@
     reason = "metric samples compared here are whole counts, exact in f64"
 )]
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use http::StatusCode;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use tokengate::admin;
-use tokengate::app::{self, Core};
-use tokengate::proxy::{self, DrainController, LoopbackUpstream};
+use tokengate::app::Core;
+use tokengate::proxy::DrainController;
+
+#[path = "support/lib.rs"]
+mod support;
+
+use support::http::ReplyServer;
+use support::tokens::{jwks_document, read_fixture, sign, unix_now};
 
 /// Upper bound of every wait on a condition.
 const WAIT: Duration = Duration::from_secs(15);
@@ -41,63 +39,6 @@ const SCHEDULING_MARGIN: Duration = Duration::from_millis(1500);
 
 const ISSUER: &str = "https://issuer.revocation.test";
 const WORKLOAD: &str = "orders";
-
-// ---------------------------------------------------------------- servers
-
-/// An HTTP server on 127.0.0.1 port 0 that responds to every request with
-/// the status and body the test last set.
-struct ReplyServer {
-    address: SocketAddr,
-    reply: Arc<Mutex<(StatusCode, Bytes)>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ReplyServer {
-    async fn start(body: impl Into<Bytes>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let reply = Arc::new(Mutex::new((StatusCode::OK, body.into())));
-
-        let shared = Arc::clone(&reply);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let reply = Arc::clone(&shared);
-                let service = service_fn(move |_request: Request<Incoming>| {
-                    let (status, body) = reply.lock().unwrap().clone();
-                    let response = Response::builder()
-                        .status(status)
-                        .header("content-type", "application/json")
-                        .body(Full::new(body))
-                        .unwrap();
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        Self {
-            address,
-            reply,
-            task,
-        }
-    }
-
-    fn set(&self, status: StatusCode, body: impl Into<Bytes>) {
-        *self.reply.lock().unwrap() = (status, body.into());
-    }
-}
-
-impl Drop for ReplyServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 // ---------------------------------------------------------------- harness
 
@@ -153,42 +94,26 @@ cache:
             refresh = REVOCATION_REFRESH.as_secs(),
         );
         let config = tokengate::config::parse(&yaml, "test.yaml").unwrap();
-        let core = Core::start(&config, Some(Box::new(tokio::io::sink())))
-            .await
-            .unwrap();
-
-        let drain = DrainController::new();
-        let workload = core.workload_proxy(&config.workloads[0]);
-        let upstream = Arc::new(LoopbackUpstream::new(service.address));
-        tokio::spawn(proxy::serve(listener, upstream, workload, drain.handle()));
-        core.readiness.set_attached(WORKLOAD, true);
-
-        let admin_listener = app::bind_admin("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let admin_address = admin_listener.local_addr().unwrap();
-        let admin_drain = DrainController::new();
-        tokio::spawn(admin::serve(
-            admin_listener,
-            core.admin_state(),
-            admin_drain.handle(),
-        ));
+        let serving = support::agent::start_serving(
+            &config,
+            Box::new(tokio::io::sink()),
+            listener,
+            service.address,
+        )
+        .await;
 
         let harness = Self {
             proxy: proxy_address,
-            admin: admin_address,
+            admin: serving.admin,
             jwks,
             revocation,
             client: reqwest::Client::builder().no_proxy().build().unwrap(),
             _service: service,
-            _drain: drain,
-            _admin_drain: admin_drain,
-            core,
+            _drain: serving.drain,
+            _admin_drain: serving.admin_drain,
+            core: serving.core,
         };
-        wait_until("the issuer's keys are fetched", || {
-            harness.core.issuers.iter().all(|keys| keys.is_ready())
-        })
-        .await;
+        support::agent::wait_for_keys(&harness.core, WAIT).await;
         harness
     }
 
@@ -214,19 +139,7 @@ cache:
     /// Returns the value of the sample `series` (name with labels, as
     /// printed) in `/metrics`, or `None` when it is absent.
     async fn metric(&self, series: &str) -> Option<f64> {
-        let text = self
-            .client
-            .get(format!("http://{}/metrics", self.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines().find_map(|line| {
-            let value = line.strip_prefix(series)?.strip_prefix(' ')?;
-            Some(value.parse().unwrap())
-        })
+        support::metrics::sample(&support::metrics::scrape(self.admin).await, series)
     }
 
     async fn cache_counts(&self) -> (f64, f64, f64) {
@@ -242,38 +155,7 @@ cache:
     }
 }
 
-/// Polls `condition` until it holds, failing the test after [`WAIT`].
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 // ----------------------------------------------------------------- tokens
-
-fn fixture(name: &str) -> String {
-    let path = format!("{}/../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read_to_string(path).unwrap()
-}
-
-/// Returns a JWKS with the fixture keys named by `kids`.
-fn jwks_document(kids: &[&str]) -> Bytes {
-    let mut document: Value = serde_json::from_str(&fixture("jwks.json")).unwrap();
-    document["keys"]
-        .as_array_mut()
-        .unwrap()
-        .retain(|key| kids.contains(&key["kid"].as_str().unwrap()));
-    Bytes::from(document.to_string())
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 /// Signs a reader's token with the fixture RSA key.
 fn token(subject: &str, jti: &str, iat: u64, exp: u64) -> String {
@@ -286,10 +168,7 @@ fn token(subject: &str, jti: &str, iat: u64, exp: u64) -> String {
         "exp": exp,
         "roles": ["reader"],
     });
-    let key = EncodingKey::from_rsa_pem(fixture("rsa-1.pem").as_bytes()).unwrap();
-    let mut header = Header::new(Algorithm::RS256);
-    header.kid = Some("rsa-1".to_owned());
-    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    sign("rsa-1", &claims)
 }
 
 // ------------------------------------------------------------------ tests
@@ -387,7 +266,7 @@ async fn subject_revoked_before_time() {
         let claims = json!({
             "iss": ISSUER, "sub": "bob", "aud": "orders", "exp": now + 300, "roles": ["reader"],
         });
-        let key = EncodingKey::from_rsa_pem(fixture("rsa-1.pem").as_bytes()).unwrap();
+        let key = EncodingKey::from_rsa_pem(read_fixture("rsa-1.pem").as_bytes()).unwrap();
         let mut header = Header::new(Algorithm::RS256);
         header.kid = Some("rsa-1".to_owned());
         jsonwebtoken::encode(&header, &claims, &key).unwrap()
