@@ -6,6 +6,7 @@
 //! create the listeners (see `netns`) or accept on them (see `proxy`).
 
 mod bpffs;
+mod links;
 mod maps;
 mod pins;
 
@@ -113,6 +114,18 @@ pub enum BpfError {
         #[source]
         source: std::io::Error,
     },
+    #[error("failed to list the loaded eBPF {kind}; the agent needs CAP_SYS_ADMIN to read them")]
+    ListObjects {
+        kind: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("timed out after {timeout:?} waiting for the kernel to release the old links {links:?} of workload {workload}; a process may hold them open (`bpftool link show` lists the pids that hold each link)")]
+    LinkNotReleased {
+        workload: String,
+        links: Vec<u32>,
+        timeout: std::time::Duration,
+    },
 }
 
 /// The node-wide loader.
@@ -162,7 +175,9 @@ impl Steering {
     /// When a previous agent left pins for the workload, their maps are
     /// reused, so the old program steers into the new listeners as soon as
     /// they are written. The new link then replaces the old pin atomically,
-    /// so the protected ports are never left open.
+    /// so the protected ports are never left open. The kernel releases the
+    /// old link some time after its pin is gone, so this waits for it, and
+    /// on success only the new program runs.
     ///
     /// Without `listener_v6`, IPv6 connections to protected ports are dropped.
     pub fn attach(
@@ -178,6 +193,9 @@ impl Steering {
             path: pin_dir.clone(),
             source,
         })?;
+        // Before any pinned map is replaced, so that the links of a program
+        // that uses the old maps are found too.
+        let previous_links = links::pod_links(&pin_dir)?;
         pins::remove_incompatible_maps(&pin_dir, name)?;
 
         let mut ebpf = EbpfLoader::new()
@@ -206,6 +224,7 @@ impl Steering {
             .map_err(|source| program_error(name, source))?
             .into();
         let replaced = pins::pin_link(link, &pin_dir)?;
+        links::wait_released(name, &previous_links)?;
 
         start_logger(&mut ebpf, name);
         info!(
@@ -240,9 +259,10 @@ impl PodSteering {
         &self.workload
     }
 
-    /// Detaches the program and removes the pod's pins. Afterwards the
-    /// protected ports reach the pod's own sockets again, so call it only for
-    /// a workload that is no longer protected.
+    /// Detaches the program and removes the pod's pins, and waits until the
+    /// kernel has released the link. Afterwards the protected ports reach
+    /// the pod's own sockets again, so call it only for a workload that is
+    /// no longer protected.
     pub fn detach(self) -> Result<(), BpfError> {
         let Self {
             workload,
@@ -250,7 +270,7 @@ impl PodSteering {
             ebpf,
         } = self;
         drop(ebpf);
-        pins::remove_dir(&pin_dir)?;
+        pins::remove_dir(&pin_dir, &workload)?;
         info!(workload, "steering detached");
         Ok(())
     }

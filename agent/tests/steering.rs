@@ -14,7 +14,9 @@ use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream as StdTcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use aya::programs::links::PinnedLink;
 
 use tokengate::bpf::{PodSteering, SteerCounters, Steering};
 use tokengate::config::{InterceptionConfig, WorkloadConfig};
@@ -40,6 +42,10 @@ const SERVER_BANNER: &str = "server";
 /// follows it.
 const AGENT_BANNER: &str = "agent";
 
+/// How long the test keeps the replaced link open, standing in for a kernel
+/// that releases an unpinned link late.
+const OLD_LINK_HOLD: Duration = Duration::from_millis(300);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steering_in_pod_namespace() {
     if let Err(reason) = preflight() {
@@ -59,8 +65,8 @@ async fn steering_in_pod_namespace() {
 
     let (agent, pod_steering) = check_agent_up(&bed).await;
     let before_death = check_agent_dead(&bed, agent, pod_steering).await;
-    let (agent, steering) = check_agent_restart(&bed, before_death).await;
-    check_port_change_and_detach(&bed, &steering, agent).await;
+    let (agent, steering, pin_dir) = check_agent_restart(&bed, before_death).await;
+    check_port_change_and_detach(&bed, &steering, agent, &pin_dir).await;
 
     bed.stop_servers();
 }
@@ -114,7 +120,10 @@ async fn check_agent_dead(bed: &TestBed, agent: Agent, pod_steering: PodSteering
 
 /// Agent restarted with loopback not exempt: the pinned maps are reused (the
 /// counters go on) and the new link replaces the old one.
-async fn check_agent_restart(bed: &TestBed, before_death: SteerCounters) -> (Agent, Steering) {
+async fn check_agent_restart(
+    bed: &TestBed,
+    before_death: SteerCounters,
+) -> (Agent, Steering, PathBuf) {
     let agent = Agent::start(&bed.netns).await;
     let steering = Steering::new(&interception(&bed.pins.path, false)).expect("prepare steering");
     let pod_steering = attach(&steering, bed, &agent, &[bed.protected]);
@@ -137,13 +146,36 @@ async fn check_agent_restart(bed: &TestBed, before_death: SteerCounters) -> (Age
     // it stayed, would count every connection a second time.
     assert_eq!(delta(restarted, counters(&pod_steering)), counts(3, 1, 0));
 
-    (agent, steering)
+    (agent, steering, pod_steering.pin_dir().to_owned())
 }
 
 /// Another port list releases the old port and protects the new one; detach
 /// removes the pins and every port reaches the pod's server again.
-async fn check_port_change_and_detach(bed: &TestBed, steering: &Steering, agent: Agent) {
+///
+/// The kernel releases a link whose pin is gone from a workqueue, which ran
+/// up to 2.6 s late under CPU load, and until then the old program still
+/// steers. A second reference to the old link makes that delay certain here:
+/// attach must wait for the link to go before it returns.
+async fn check_port_change_and_detach(
+    bed: &TestBed,
+    steering: &Steering,
+    agent: Agent,
+    pin_dir: &Path,
+) {
+    let old_link = PinnedLink::from_pin(pin_dir.join("link")).expect("open old link pin");
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(OLD_LINK_HOLD);
+        drop(old_link);
+    });
+    let started = Instant::now();
     let pod_steering = attach(steering, bed, &agent, &[bed.unprotected]);
+    let attach_time = started.elapsed();
+    holder.join().expect("old link holder");
+
+    assert!(
+        attach_time >= OLD_LINK_HOLD,
+        "attach returned after {attach_time:?}, while the old link was held for {OLD_LINK_HOLD:?}"
+    );
 
     let unprotected = bed.pod_addr(bed.unprotected);
     assert_eq!(

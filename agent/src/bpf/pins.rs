@@ -14,7 +14,7 @@ use tokengate_common::{
 };
 use tracing::warn;
 
-use super::BpfError;
+use super::{links, BpfError};
 
 /// Directory below the pin path that contains one directory per workload.
 const PODS_DIR: &str = "pods";
@@ -120,8 +120,9 @@ pub fn remove_incompatible_maps(dir: &Path, workload: &str) -> Result<(), BpfErr
 }
 
 /// Pins `link` as `dir/link`. An existing pin is replaced by `rename`, which
-/// is atomic: the old link detaches when its pin goes, and the new one is
-/// attached by then. Returns whether an old pin was replaced.
+/// is atomic: the new link is attached before the old pin goes, and the
+/// kernel detaches the old link some time later (see `links`). Returns
+/// whether an old pin was replaced.
 pub fn pin_link(link: FdLink, dir: &Path) -> Result<bool, BpfError> {
     let target = dir.join(LINK_PIN);
     if !exists(&target) {
@@ -162,12 +163,14 @@ pub fn remove_pins(pin_path: &Path, workload: &str) -> Result<bool, BpfError> {
     if !exists(&dir) {
         return Ok(false);
     }
-    remove_dir(&dir)?;
+    remove_dir(&dir, workload)?;
     Ok(true)
 }
 
-/// Removes the link pin, then every other entry of `dir`, then `dir`.
-pub fn remove_dir(dir: &Path) -> Result<(), BpfError> {
+/// Removes the link pin, then every other entry of `dir`, then `dir`, and
+/// waits until the kernel has released the links of `workload`.
+pub fn remove_dir(dir: &Path, workload: &str) -> Result<(), BpfError> {
+    let attached = links::pod_links(dir)?;
     remove_file(&dir.join(LINK_PIN))?;
     remove_file(&dir.join(LINK_STAGING_PIN))?;
 
@@ -185,7 +188,8 @@ pub fn remove_dir(dir: &Path) -> Result<(), BpfError> {
     std::fs::remove_dir(dir).map_err(|source| BpfError::RemovePin {
         path: dir.to_owned(),
         source,
-    })
+    })?;
+    links::wait_released(workload, &attached)
 }
 
 impl MapShape {
