@@ -141,7 +141,7 @@ async fn start(
     let listener_v6 = match netns.listen(LISTEN_V6).await {
         Ok(listener) => Some(listener),
         Err(error) => {
-            tracing::info!(workload = %name, %error, "no IPv6 listener in the pod; IPv6 connections are not steered");
+            tracing::info!(workload = %name, %error, "no IPv6 listener in the pod; IPv6 connections to protected ports are dropped");
             None
         }
     };
