@@ -819,9 +819,9 @@ async fn attack_many_cookies() {
 }
 
 /// With a cookie-only workload, a caller adds `Authorization: Bearer` with
-/// a made-up token. The agent verifies the cookie, then forwards the
-/// unverified bearer token too; a service that reads `Authorization`, the
-/// most common place, then acts on a token nobody checked.
+/// a made-up token next to a valid cookie. The service must not receive
+/// that bearer token, because a service that reads `Authorization` would
+/// act on a token the agent never verified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attack_unverified_bearer_forwarded() {
     let harness = Harness::start_with_sources(COOKIE_ONLY).await;
@@ -1217,10 +1217,11 @@ fn rfc3986_remove_dot_segments(path: &str) -> String {
     format!("/{}", output.join("/"))
 }
 
-/// The agent drops empty segments before it resolves `..`, while RFC 3986
-/// resolution keeps them, so `..` after `//` pops one segment fewer at the
-/// service. A caller with any valid token then reaches `/admin/...` through
-/// the open `/public` rule.
+/// RFC 3986 resolution keeps empty segments while it resolves `..`, and
+/// servers that merge slashes first drop them, so `..` after `//` pops one
+/// segment fewer at one than at the other. Such a path must not let a
+/// caller with any valid token reach `/admin/...` through the open
+/// `/public` rule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attack_empty_segment_dot_dot() {
     let harness = Harness::start().await;
