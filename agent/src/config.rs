@@ -63,7 +63,7 @@ pub const DEFAULT_JWKS_MAX_REFRESH_SECONDS: u64 = 3600;
 /// issuer withdrew during the outage is still trusted.
 pub const DEFAULT_JWKS_MAX_STALE_SECONDS: u64 = 86_400;
 
-/// Longest token accepted, in bytes, unless the issuer sets its own
+/// Maximum token size in bytes, unless the issuer sets its own
 /// `max_token_bytes`. nginx rejects request header lines over 8 KiB by
 /// default (`large_client_header_buffers 4 8k`), so tokens that work
 /// behind common proxies stay below this.
@@ -147,7 +147,7 @@ impl Default for AdminConfig {
     }
 }
 
-/// Where audit events go: one JSON object per line.
+/// Destination of audit events, written as one JSON object per line.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
@@ -243,7 +243,7 @@ impl Default for CacheConfig {
 /// One token issuer, as in Envoy's `JwtProvider` or Istio's `JWTRule`.
 ///
 /// Keys come from exactly one of `jwks_uri`, `discovery`/`discovery_uri`,
-/// `jwks_file` and `jwks`; an issuer with `hmac_secret_file` may have none
+/// `jwks_file` and `jwks`. An issuer with `hmac_secret_file` may have none
 /// of them when it only signs with HMAC.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -316,7 +316,7 @@ pub struct IssuerConfig {
     /// compared case-insensitively, with or without `application/`.
     #[serde(default)]
     pub required_typ: Option<String>,
-    /// Longest token accepted from this issuer, in bytes.
+    /// Maximum token size from this issuer, in bytes.
     #[serde(default = "default_max_token_bytes")]
     pub max_token_bytes: usize,
     /// Longest accepted lifetime, `exp - iat` (or `exp - now` without
@@ -369,7 +369,7 @@ pub struct WorkloadConfig {
     /// Names of cookies that carry the token.
     #[serde(default)]
     pub from_cookies: Vec<String>,
-    /// What the service receives of a verified token.
+    /// Forwarding mode of the verified token: as sent, moved to `Authorization`, or removed.
     #[serde(default)]
     pub forward: ForwardMode,
     /// Verified claims copied into request headers for the service. Every

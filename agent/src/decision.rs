@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-/// What the agent did with a request or connection.
+/// Outcome of a request or connection: forwarded or rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
@@ -26,7 +26,7 @@ impl Decision {
     }
 }
 
-/// Why a request was allowed or denied.
+/// Reason for allowing or denying a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {

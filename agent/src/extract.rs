@@ -14,7 +14,7 @@ use crate::decision::Reason;
 /// `Bearer` scheme of RFC 6750 §2.1.
 pub const DEFAULT_BEARER_PREFIX: &str = "Bearer ";
 
-/// Where a workload's token may be found.
+/// Token locations of one workload: headers and cookies.
 #[derive(Clone, Debug)]
 pub struct TokenSources {
     headers: Vec<HeaderRule>,
@@ -32,7 +32,7 @@ struct HeaderRule {
     space_separated: bool,
 }
 
-/// Where a token was found.
+/// Location of a found token.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TokenLocation {
     /// A configured header.

@@ -131,7 +131,7 @@ impl PodNetns {
         })
     }
 
-    /// The namespace file, for attaching programs to it.
+    /// Returns the namespace file, for attaching programs to it.
     pub fn file(&self) -> &File {
         &self.file
     }

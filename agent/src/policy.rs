@@ -94,7 +94,7 @@ pub struct RouteMatch {
     captures: Captures,
 }
 
-/// How the request is routed.
+/// Routing result: a passed preflight, the matched rule, or none.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
     /// A CORS preflight that the workload passes without a token.
@@ -125,7 +125,7 @@ pub enum TokenState<'a> {
     Valid(&'a VerifiedToken),
 }
 
-/// Which rule decided, and how.
+/// Policy result: the deciding rule and the reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyOutcome {
     /// Index of the matching rule, `None` when no rule matched.

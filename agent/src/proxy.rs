@@ -66,7 +66,7 @@ pub struct WorkloadProxy {
     /// have them removed through `Connection`, so the service receives the
     /// token that was verified.
     token_headers: Vec<String>,
-    /// What the service receives of a verified token.
+    /// Forwarding mode of the verified token, from the workload config.
     forward: ForwardMode,
     /// Claim path and header name of each `claim_to_headers` entry.
     claim_headers: Vec<(String, http::HeaderName)>,

@@ -39,7 +39,7 @@ pub struct VerifiedToken {
     pub roles_claim: String,
 }
 
-/// Why verification failed, with what can be audited safely.
+/// Verification failure, with the fields that are safe to audit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifyFailure {
     pub reason: Reason,

@@ -97,12 +97,12 @@ impl SteerConfig {
     }
 }
 
-/// Why the program dropped a connection to a protected port. The value is
+/// Cause of a dropped connection to a protected port. The value is
 /// what the program's debug log prints.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
-    /// [`MAP_CONFIG`] holds no record of [`CONFIG_VERSION`].
+    /// [`MAP_CONFIG`] contains no record of [`CONFIG_VERSION`].
     ConfigInvalid = 1,
     /// The listener slot of the connection's family is empty (agent down) or
     /// the kernel rejected the assignment.

@@ -8,7 +8,7 @@
 
 use super::normalize::{normalize_path, percent_decode};
 
-/// Why a `path_template` is not usable.
+/// Error in a `path_template`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TemplateError {
     #[error("must start with `/`, such as /users/{{user}}")]
@@ -29,7 +29,7 @@ pub enum TemplateError {
     InvalidLiteral { segment: String },
 }
 
-/// How a rule selects request paths.
+/// Path matcher of a rule: exact, prefix or template.
 #[derive(Clone, Debug)]
 pub(crate) enum PathMatcher {
     /// The whole path, a trailing `/` aside.

@@ -7,7 +7,7 @@ use super::matcher::Captures;
 use crate::config::{ClaimRequirement, Requirement};
 use crate::decision::Reason;
 
-/// What a requirement is checked against.
+/// Inputs of a requirement check.
 pub(crate) struct Context<'a> {
     pub claims: &'a Map<String, Value>,
     pub roles_claim: &'a str,

@@ -1,5 +1,5 @@
-//! What the service learns about the caller: the token as `forward` sets,
-//! the `claim_to_headers` headers, and the path that the rules matched.
+//! Rewriting an allowed request for the service: the token as `forward`
+//! sets, the `claim_to_headers` headers, and the path that the rules matched.
 
 use http::header::{HeaderMap, AUTHORIZATION};
 use http::{Request, Uri};
