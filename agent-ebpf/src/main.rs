@@ -83,6 +83,9 @@ fn try_steer(ctx: &SkLookupContext) -> Result<u32, DropReason> {
                 read_field(addr_of!((*lookup).remote_ip6[2])),
                 read_field(addr_of!((*lookup).remote_ip6[3])),
             ],
+            // `remote_port` is a `__be16`; kernels before 5.19 declared it a
+            // `__u32`, whose first two bytes a narrow load reads the same way.
+            remote_port: u16::from_be(read_field(addr_of!((*lookup).remote_port))),
         }
     };
 

@@ -18,6 +18,8 @@ use nix::sched::{setns, CloneFlags};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tracing::{debug, warn};
 
+mod port_range;
+
 /// Backlog of the listeners made in pods; tokio's `TcpListener::bind` uses
 /// the same value, and the kernel caps it at `net.core.somaxconn`.
 pub const LISTEN_BACKLOG: i32 = 1024;
@@ -102,6 +104,13 @@ impl PodNetns {
             path: path.to_owned(),
             source,
         })?;
+        Self::from_file(path, file)
+    }
+
+    /// Like [`PodNetns::open`] with the namespace already open as `file`,
+    /// such as a namespace fd handed over by another agent. `path` names it
+    /// in messages.
+    pub fn from_file(path: &Path, file: File) -> io::Result<Self> {
         let helper_file = file.try_clone().map_err(|source| NetnsError::Open {
             path: path.to_owned(),
             source,

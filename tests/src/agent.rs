@@ -50,6 +50,10 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Interval between two polls of `/readyz` or of the process state.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
+/// Directory of the agent's default hand-off socket
+/// (`interception.handoff.socket`).
+const HANDOFF_DIR: &str = "/run/tokengate";
+
 /// Number of agent log lines printed when a test fails.
 const LOG_LINES_ON_FAILURE: usize = 200;
 
@@ -83,6 +87,17 @@ impl Agent {
     /// Spawns the agent and waits until its admin listener is bound; it may
     /// not be ready yet.
     pub fn spawn(binary: &Path, config: &AgentConfig) -> Result<Self> {
+        Self::spawn_patched(binary, config, |_| {})
+    }
+
+    /// Like [`Agent::spawn`], with `patch` applied to the config (see
+    /// [`AgentConfig::to_value`]) before it is written, for fields that
+    /// [`AgentConfig`] does not model.
+    pub fn spawn_patched(
+        binary: &Path,
+        config: &AgentConfig,
+        patch: impl FnOnce(&mut Value),
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("tokengate-e2e-")
             .tempdir()
@@ -90,7 +105,9 @@ impl Agent {
         let config_path = dir.path().join("tokengate.yaml");
         let audit_path = dir.path().join("audit.log");
         let pin_path = Path::new(BPFFS).join(format!("tokengate-{}", unique_id()));
-        let yaml = config.to_yaml(&audit_path, &pin_path)?;
+        let mut value = config.to_value(&audit_path, &pin_path);
+        patch(&mut value);
+        let yaml = serde_yaml::to_string(&value).context("failed to render the agent config")?;
         std::fs::write(&config_path, yaml)
             .with_context(|| format!("failed to write {}", config_path.display()))?;
 
@@ -165,6 +182,18 @@ impl Agent {
     /// Spawns the agent and waits until `/readyz` returns 200.
     pub fn start(binary: &Path, config: &AgentConfig) -> Result<Self> {
         let mut agent = Self::spawn(binary, config)?;
+        agent.wait_ready(READY_TIMEOUT)?;
+        Ok(agent)
+    }
+
+    /// Like [`Agent::start`], with `patch` applied to the config as in
+    /// [`Agent::spawn_patched`].
+    pub fn start_patched(
+        binary: &Path,
+        config: &AgentConfig,
+        patch: impl FnOnce(&mut Value),
+    ) -> Result<Self> {
+        let mut agent = Self::spawn_patched(binary, config, patch)?;
         agent.wait_ready(READY_TIMEOUT)?;
         Ok(agent)
     }
@@ -411,6 +440,12 @@ impl Drop for Agent {
                         self.pin_path.display()
                     );
                 }
+            }
+            // A killed agent leaves its hand-off socket, whose default path
+            // is derived from the pin path.
+            if let Some(name) = self.pin_path.file_name() {
+                let socket = format!("{}.sock", name.to_string_lossy());
+                let _ = std::fs::remove_file(Path::new(HANDOFF_DIR).join(socket));
             }
         }
     }

@@ -15,6 +15,7 @@ pub mod ids;
 pub mod issuer;
 pub mod metrics;
 pub mod netns;
+pub mod node;
 pub mod skip;
 pub mod testbed;
 pub mod tokens;

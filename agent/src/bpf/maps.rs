@@ -41,7 +41,7 @@ pub fn write_listeners(
         Some(listener) => sockets.set(LISTENER_V6, listener, 0).map_err(&map_error),
         None => match sockets.clear_index(&LISTENER_V6) {
             Ok(()) => Ok(()),
-            Err(error) if is_not_found(&error) => Ok(()),
+            Err(error) if is_not_found(&error) || is_empty_sockmap_slot(&error) => Ok(()),
             Err(error) => Err(map_error(error)),
         },
     }
@@ -110,6 +110,13 @@ fn map_error<'a>(workload: &'a str, map: &'static str) -> impl Fn(MapError) -> B
 }
 
 /// Tells whether a map operation failed only because the key was absent.
+/// Tells whether a sockmap delete failed because the slot was already
+/// empty: the kernel (`sock_map_delete_elem`) returns `EINVAL` for that, as
+/// for an index past the end, which the `LISTENER_*` slots never are.
+fn is_empty_sockmap_slot(error: &MapError) -> bool {
+    matches!(error, MapError::SyscallError(error) if error.io_error.raw_os_error() == Some(libc::EINVAL))
+}
+
 fn is_not_found(error: &MapError) -> bool {
     match error {
         MapError::KeyNotFound => true,

@@ -62,6 +62,14 @@ impl AgentConfig {
     /// Renders the config file. Keys are the field names of the agent's
     /// `config::Config`.
     pub fn to_yaml(&self, audit_file: &Path, pin_path: &Path) -> Result<String> {
+        let config = self.to_value(audit_file, pin_path);
+        serde_yaml::to_string(&config).context("failed to render the agent config")
+    }
+
+    /// Builds the config as a JSON value with the field names of the
+    /// agent's `config::Config`, for a test to add fields that this struct
+    /// does not model before it is rendered.
+    pub fn to_value(&self, audit_file: &Path, pin_path: &Path) -> Value {
         let issuers: Vec<Value> = self
             .issuers
             .iter()
@@ -115,7 +123,7 @@ impl AgentConfig {
             "issuers": issuers,
             "workloads": workloads,
         });
-        serde_yaml::to_string(&config).context("failed to render the agent config")
+        config
     }
 }
 
