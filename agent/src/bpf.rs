@@ -6,22 +6,29 @@
 //! create the listeners (see `netns`) or accept on them (see `proxy`).
 
 mod bpffs;
+pub mod features;
+pub mod inspect;
+mod layout;
 mod links;
+mod logs;
 mod maps;
 mod pins;
+mod replace;
+mod syscall;
+pub mod uninstall;
 
 use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
-use aya::programs::links::FdLink;
 use aya::programs::SkLookup;
 use aya::{Ebpf, EbpfLoader};
 use tokengate_common::{SteerConfig, FLAG_LOOPBACK_EXEMPT, PROGRAM_SK_LOOKUP};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::{InterceptionConfig, WorkloadConfig};
 
+pub use logs::LOG_THREAD_NAME;
 pub use pins::remove_pins;
 
 /// The eBPF object built from `agent-ebpf`, copied into `OUT_DIR` by
@@ -33,7 +40,7 @@ static EBPF_OBJECT: &[u8] =
 ///
 /// The maps outlive the agent, so the sums count from the first attach to
 /// the pod after its pins were created, across agent restarts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SteerCounters {
     /// Connections to a protected port handed to the agent's listener.
     pub steered: u64,
@@ -120,6 +127,8 @@ pub enum BpfError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("kernel lacks the eBPF features {missing:?} that ingress steering needs; run on Linux 5.9 or later with BPF enabled")]
+    MissingFeatures { missing: Vec<&'static str> },
     #[error("timed out after {timeout:?} waiting for the kernel to release the old links {links:?} of workload {workload}; a process may hold them open (`bpftool link show` lists the pids that hold each link)")]
     LinkNotReleased {
         workload: String,
@@ -132,6 +141,7 @@ pub enum BpfError {
 pub struct Steering {
     pin_path: PathBuf,
     steer_config: SteerConfig,
+    features: features::KernelFeatures,
 }
 
 /// One pod's attached program and its maps; dropping it leaves the pinned
@@ -140,6 +150,8 @@ pub struct PodSteering {
     workload: String,
     pin_dir: PathBuf,
     ebpf: Ebpf,
+    /// Reader of the program's log records; dropping it stops the reader.
+    logs: Option<logs::ProgramLogs>,
 }
 
 impl Steering {
@@ -147,6 +159,12 @@ impl Steering {
     /// embedded object.
     pub fn new(config: &InterceptionConfig) -> Result<Self, BpfError> {
         bpffs::ensure_mounted(&config.pin_path)?;
+        let features = features::KernelFeatures::probe(&config.pin_path);
+        features.log();
+        let missing = features.missing_required();
+        if !missing.is_empty() {
+            return Err(BpfError::MissingFeatures { missing });
+        }
         let pods = pins::pods_dir(&config.pin_path);
         std::fs::create_dir_all(&pods)
             .map_err(|source| BpfError::CreateDir { path: pods, source })?;
@@ -161,7 +179,13 @@ impl Steering {
         Ok(Self {
             pin_path: config.pin_path.clone(),
             steer_config,
+            features,
         })
+    }
+
+    /// Returns what the kernel offered when the agent started.
+    pub fn features(&self) -> &features::KernelFeatures {
+        &self.features
     }
 
     /// Returns the root of the agent's pins in bpffs.
@@ -173,11 +197,13 @@ impl Steering {
     /// listeners), attaches it to the namespace and pins link and maps.
     ///
     /// When a previous agent left pins for the workload, their maps are
-    /// reused, so the old program steers into the new listeners as soon as
-    /// they are written. The new link then replaces the old pin atomically,
-    /// so the protected ports are never left open. The kernel releases the
-    /// old link some time after its pin is gone, so this waits for it, and
-    /// on success only the new program runs.
+    /// reused if their layout version matches, so the old program steers
+    /// into the new listeners as soon as they are written. The pinned link
+    /// is then updated to run the new program (`BPF_LINK_UPDATE`), so the
+    /// protected ports are never left open and never see two programs.
+    /// Where the kernel refuses the update, a new link replaces the old pin
+    /// by `rename` and this waits until the kernel has released the old
+    /// link (see `replace`).
     ///
     /// Without `listener_v6`, IPv6 connections to protected ports are dropped.
     pub fn attach(
@@ -196,10 +222,16 @@ impl Steering {
         // Before any pinned map is replaced, so that the links of a program
         // that uses the old maps are found too.
         let previous_links = links::pod_links(&pin_dir)?;
-        pins::remove_incompatible_maps(&pin_dir, name)?;
+        let stale_layouts = layout::find_stale(&pin_dir, name)?;
+        let maps_dir = layout::maps_dir(&pin_dir);
+        std::fs::create_dir_all(&maps_dir).map_err(|source| BpfError::CreateDir {
+            path: maps_dir.clone(),
+            source,
+        })?;
+        pins::remove_incompatible_maps(&maps_dir, name)?;
 
         let mut ebpf = EbpfLoader::new()
-            .map_pin_path(&pin_dir)
+            .map_pin_path(&maps_dir)
             .load(EBPF_OBJECT)
             .map_err(|source| BpfError::Load {
                 workload: name.to_owned(),
@@ -216,29 +248,24 @@ impl Steering {
         maps::write_ports(&mut ebpf, name, &workload.ports)?;
 
         let program = program(&mut ebpf)?;
-        let link_id = program
-            .attach(netns)
-            .map_err(|source| program_error(name, source))?;
-        let link: FdLink = program
-            .take_link(link_id)
-            .map_err(|source| program_error(name, source))?
-            .into();
-        let replaced = pins::pin_link(link, &pin_dir)?;
-        links::wait_released(name, &previous_links)?;
+        let installed = replace::install(program, netns, &pin_dir, name, &previous_links)?;
+        // No program of this pod uses the stale maps any more.
+        layout::remove_stale(stale_layouts)?;
 
-        start_logger(&mut ebpf, name);
+        let logs = logs::ProgramLogs::start(&mut ebpf, name);
         info!(
             workload = name,
             netns = %workload.netns.display(),
             ports = ?workload.ports,
             ipv6 = listener_v6.is_some(),
-            replaced,
+            installed = %installed,
             "steering attached"
         );
         Ok(PodSteering {
             workload: name.to_owned(),
             pin_dir,
             ebpf,
+            logs,
         })
     }
 }
@@ -247,6 +274,12 @@ impl PodSteering {
     /// Sums the per-CPU counters.
     pub fn counters(&self) -> Result<SteerCounters, BpfError> {
         maps::read_counters(&self.ebpf, &self.workload)
+    }
+
+    /// Returns how many of the program's log records the rate limit
+    /// dropped (see `logs`).
+    pub fn log_records_suppressed(&self) -> u64 {
+        self.logs.as_ref().map_or(0, logs::ProgramLogs::suppressed)
     }
 
     /// Returns the directory that contains this pod's pinned link and maps.
@@ -268,7 +301,9 @@ impl PodSteering {
             workload,
             pin_dir,
             ebpf,
+            logs,
         } = self;
+        drop(logs);
         drop(ebpf);
         pins::remove_dir(&pin_dir, &workload)?;
         info!(workload, "steering detached");
@@ -293,20 +328,5 @@ fn program_error(workload: &str, source: aya::programs::ProgramError) -> BpfErro
         workload: workload.to_owned(),
         program: PROGRAM_SK_LOOKUP,
         source,
-    }
-}
-
-/// Forwards the program's aya-log records to the `log` facade, which
-/// tracing-subscriber's `init` bridges into tracing. The logger's reader
-/// tasks run on the current tokio runtime, so without one there is no log.
-fn start_logger(ebpf: &mut Ebpf, workload: &str) {
-    if tokio::runtime::Handle::try_current().is_err() {
-        warn!(workload, "no tokio runtime, eBPF log records are not read");
-        return;
-    }
-    // NOTE: aya-log 0.2 has no way to stop its reader tasks; they live until
-    // the runtime ends, one per CPU for each attach.
-    if let Err(error) = aya_log::EbpfLogger::init(ebpf) {
-        warn!(workload, error = %error, "eBPF logger failed to start");
     }
 }

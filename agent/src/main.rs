@@ -1,6 +1,8 @@
 //! The `tokengate` command: parses the command line, sets up logging and
 //! the runtime, and hands over to `tokengate::app`.
 
+mod node_commands;
+
 use std::io::{IsTerminal as _, Read as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -41,6 +43,14 @@ enum Command {
     /// the status, the token's issuer and subject, the rule that matched and
     /// why. The token itself is never printed, only its fingerprint.
     Explain(ExplainArgs),
+    /// Print what the agent set up on this node: pods, attached programs,
+    /// map fill levels, counters, pins and kernel features. Works without a
+    /// running agent; asks a running one for readiness and counters.
+    Status(node_commands::StatusArgs),
+    /// Remove every link, pin and map the agent owns under its pin path,
+    /// its hand-off socket and its enrolment state. Refuses while an agent
+    /// is running unless --force is given.
+    Uninstall(node_commands::UninstallArgs),
 }
 
 #[derive(clap::Args)]
@@ -94,6 +104,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Status(args) => finish(node_commands::status(&args)),
+        Command::Uninstall(args) => finish(node_commands::uninstall(&args)),
         Command::Run { config } => match run(&config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
@@ -101,6 +113,17 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// Prints the error of a one-shot command and returns the exit code.
+fn finish(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -133,12 +156,20 @@ fn summary(config: &tokengate::config::Config) -> String {
             )
         })
         .collect();
+    let selectors: Vec<&str> = config
+        .enrollment
+        .iter()
+        .flat_map(|enrollment| &enrollment.selectors)
+        .map(|selector| selector.name.as_str())
+        .collect();
     format!(
-        "{} issuer(s) [{}], {} workload(s) [{}]",
+        "{} issuer(s) [{}], {} workload(s) [{}], {} pod selector(s) [{}]",
         issuers.len(),
         issuers.join(", "),
         workloads.len(),
-        workloads.join(", ")
+        workloads.join(", "),
+        selectors.len(),
+        selectors.join(", ")
     )
 }
 
@@ -175,8 +206,9 @@ fn explain(args: ExplainArgs) -> anyhow::Result<()> {
 }
 
 /// Logs to standard error (standard output carries audit events), filtered
-/// by `RUST_LOG`. `log` records, such as aya-log's messages from the eBPF
-/// program, go through the same subscriber.
+/// by `RUST_LOG`. `log` records of dependencies go through the same
+/// subscriber; the eBPF programs' records arrive at debug level under the
+/// target `tokengate::ebpf`.
 fn init_logging() {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));

@@ -16,9 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use aya::programs::links::PinnedLink;
-
-use tokengate::bpf::{PodSteering, SteerCounters, Steering};
+use tokengate::bpf::inspect::{self, PinnedKind};
+use tokengate::bpf::{PodSteering, SteerCounters, Steering, LOG_THREAD_NAME};
 use tokengate::config::{InterceptionConfig, WorkloadConfig};
 use tokengate::netns::PodNetns;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,10 +41,6 @@ const SERVER_BANNER: &str = "server";
 /// follows it.
 const AGENT_BANNER: &str = "agent";
 
-/// How long the test keeps the replaced link open, standing in for a kernel
-/// that releases an unpinned link late.
-const OLD_LINK_HOLD: Duration = Duration::from_millis(300);
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steering_in_pod_namespace() {
     if let Err(reason) = preflight() {
@@ -66,9 +61,34 @@ async fn steering_in_pod_namespace() {
     let (agent, pod_steering) = check_agent_up(&bed).await;
     let before_death = check_agent_dead(&bed, agent, pod_steering).await;
     let (agent, steering, pin_dir) = check_agent_restart(&bed, before_death).await;
+    check_new_namespace(&bed, &steering, &agent, &pin_dir).await;
     check_port_change_and_detach(&bed, &steering, agent, &pin_dir).await;
 
+    // Each attach started a log reader; every program is gone now, and so
+    // must be every reader.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while log_reader_threads() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        log_reader_threads(),
+        0,
+        "eBPF log readers outlived their programs"
+    );
+
     bed.stop_servers();
+}
+
+/// Counts this process's eBPF log reader threads.
+fn log_reader_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("list threads")
+        .filter_map(Result::ok)
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|comm| comm.trim() == LOG_THREAD_NAME)
+        })
+        .count()
 }
 
 /// Agent up with loopback exempt: only outside callers reach the agent.
@@ -94,6 +114,7 @@ async fn check_agent_up(bed: &TestBed) -> (Agent, PodSteering) {
         Reached::Server
     );
     assert_eq!(delta(start, counters(&pod_steering)), counts(1, 4, 0));
+    assert_eq!(log_reader_threads(), 1, "attach started no eBPF log reader");
 
     (agent, pod_steering)
 }
@@ -152,29 +173,26 @@ async fn check_agent_restart(
 /// Another port list releases the old port and protects the new one; detach
 /// removes the pins and every port reaches the pod's server again.
 ///
-/// The kernel releases a link whose pin is gone from a workqueue, which ran
-/// up to 2.6 s late under CPU load, and until then the old program still
-/// steers. A second reference to the old link makes that delay certain here:
-/// attach must wait for the link to go before it returns.
+/// The new program replaces the old one inside the pinned link
+/// (`BPF_LINK_UPDATE`): the link keeps its id and runs another program, so
+/// there is never a second link whose release the kernel could delay.
 async fn check_port_change_and_detach(
     bed: &TestBed,
     steering: &Steering,
     agent: Agent,
     pin_dir: &Path,
 ) {
-    let old_link = PinnedLink::from_pin(pin_dir.join("link")).expect("open old link pin");
-    let holder = std::thread::spawn(move || {
-        std::thread::sleep(OLD_LINK_HOLD);
-        drop(old_link);
-    });
-    let started = Instant::now();
+    let before = pinned_link(pin_dir);
     let pod_steering = attach(steering, bed, &agent, &[bed.unprotected]);
-    let attach_time = started.elapsed();
-    holder.join().expect("old link holder");
+    let after = pinned_link(pin_dir);
 
-    assert!(
-        attach_time >= OLD_LINK_HOLD,
-        "attach returned after {attach_time:?}, while the old link was held for {OLD_LINK_HOLD:?}"
+    assert_eq!(
+        after.0, before.0,
+        "the pinned link was replaced, not updated"
+    );
+    assert_ne!(
+        after.1, before.1,
+        "the pinned link still runs the old program"
     );
 
     let unprotected = bed.pod_addr(bed.unprotected);
@@ -191,6 +209,95 @@ async fn check_port_change_and_detach(
     assert_eq!(host_call(unprotected).await, Reached::Server);
 
     agent.stop().await;
+}
+
+/// Checks a pod that got a new namespace under the same workload name. The
+/// pinned link belongs to the old namespace, so it cannot be updated.
+/// Attach gives the new namespace a new link, replaces the pin by `rename`
+/// and waits until the kernel has released the old link, so the old
+/// namespace is no longer steered. Attaching to the first namespace again
+/// does the same back.
+async fn check_new_namespace(bed: &TestBed, steering: &Steering, agent: &Agent, pin_dir: &Path) {
+    let other = SpareNetns::create();
+    let other_netns = PodNetns::open(&other.path()).expect("open the second namespace");
+    let other_agent = Agent::start(&other_netns).await;
+    let first_link = pinned_link(pin_dir);
+
+    let yaml = format!(
+        "name: {}\nnetns: {}\nports: [{}]\n",
+        bed.pod.workload,
+        other.path().display(),
+        bed.protected
+    );
+    let workload: WorkloadConfig = serde_yaml::from_str(&yaml).expect("workload config");
+    let moved = steering
+        .attach(
+            &workload,
+            other_netns.file(),
+            &other_agent.listener_v4,
+            Some(&other_agent.listener_v6),
+        )
+        .expect("attach in the second namespace");
+    let second_link = pinned_link(pin_dir);
+    let protected = bed.pod_addr(bed.protected);
+    let reached_after_move = host_call(protected).await;
+    drop(moved);
+    let back = attach(steering, bed, agent, &[bed.protected]);
+    let third_link = pinned_link(pin_dir);
+    let reached_after_return = host_call(protected).await;
+
+    assert_ne!(
+        second_link.0, first_link.0,
+        "the link of the old namespace was kept"
+    );
+    assert_eq!(reached_after_move, Reached::Server);
+    assert_ne!(third_link.0, second_link.0);
+    assert_eq!(reached_after_return, Reached::Agent(protected));
+
+    drop(back);
+    other_agent.stop().await;
+}
+
+/// A bare network namespace with loopback up, deleted on drop.
+struct SpareNetns {
+    name: String,
+}
+
+impl SpareNetns {
+    fn create() -> Self {
+        let name = format!("tgsx{}", std::process::id());
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.name)
+    }
+}
+
+impl Drop for SpareNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Returns the id of the link pinned in `pin_dir` and of its program.
+fn pinned_link(pin_dir: &Path) -> (u32, u32) {
+    let programs = inspect::program_index();
+    match inspect::identify(&pin_dir.join("link"), &programs) {
+        PinnedKind::Link {
+            id,
+            program: Some(program),
+            ..
+        } => (id, program.id),
+        other => panic!(
+            "no readable link pinned in {}: {other:?}",
+            pin_dir.display()
+        ),
+    }
 }
 
 /// The pod with its own service: a server on a protected and an unprotected

@@ -159,6 +159,15 @@ fn metrics_count_every_decision() {
         steered >= connections,
         "{steered} steered connections for {connections} requests"
     );
+    // The program logs nothing on this path, so nothing was suppressed.
+    assert_eq!(
+        metrics::count(
+            &samples,
+            "tokengate_ebpf_log_records_suppressed_total",
+            &[("workload", WORKLOAD)],
+        ),
+        Some(0)
+    );
 }
 
 #[test]

@@ -6,6 +6,12 @@
 //! so the configuration record carries a layout version.
 #![cfg_attr(not(test), no_std)]
 
+/// Egress mode: types and map names of the `tokengate-egress` object.
+pub mod egress;
+
+/// Sockmap fast path: types and map names of the `tokengate-sockmap` object.
+pub mod sockmap;
+
 /// Name of the `sk_lookup` program in the object file.
 pub const PROGRAM_SK_LOOKUP: &str = "tokengate_steer";
 
@@ -48,6 +54,29 @@ pub const COUNTER_SLOTS: u32 = 3;
 
 /// Layout version of [`SteerConfig`]; bump it when the layout changes.
 pub const CONFIG_VERSION: u32 = 1;
+
+/// Version of the per-pod map set as pinned (names, types, key and value
+/// sizes, capacities, [`CONFIG_VERSION`]). The agent pins the maps in a
+/// directory named after it, so an agent of another version creates and
+/// fills a new set instead of adopting maps it cannot read. Bump it with
+/// any of those changes.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
+/// First source port of the agent's own IPv6 upstream connections.
+///
+/// IPv6 has one loopback address, so the reserved source `::1` is also the
+/// source of every in-pod IPv6 loopback caller, and only the port
+/// distinguishes the agent's connections. The range lies above Linux's default
+/// ephemeral range (`net.ipv4.ip_local_port_range`, 32768-60999, which
+/// IPv6 shares), so the kernel never picks such a port for a client that
+/// binds none.
+///
+/// NOTE: in a pod that widens its ephemeral range into these ports, an
+/// in-pod IPv6 loopback client may get one and pass unverified even with
+/// `loopback_exempt` off.
+pub const RESERVED_PORT_FIRST_V6: u16 = 61000;
+/// Last source port of the agent's own IPv6 upstream connections.
+pub const RESERVED_PORT_LAST_V6: u16 = 65535;
 
 /// `SteerConfig::flags` bit: let connections whose source is a loopback
 /// address (127.0.0.0/8, ::1) through to the pod's own socket.
@@ -129,6 +158,8 @@ pub struct Peer {
     pub family: u32,
     pub remote_ip4: u32,
     pub remote_ip6: [u32; 4],
+    /// Source port in host byte order.
+    pub remote_port: u16,
 }
 
 /// Decides what happens to a TCP connection to a protected port.
@@ -154,9 +185,9 @@ pub fn decide_protected(peer: &Peer, config: Option<&SteerConfig>) -> Verdict {
             }
         }
         AF_INET6 => {
-            if peer.remote_ip6 == config.reserved_source_v6
-                || (loopback_exempt && is_loopback_v6(peer.remote_ip6))
-            {
+            let from_agent = peer.remote_ip6 == config.reserved_source_v6
+                && is_reserved_port_v6(peer.remote_port);
+            if from_agent || (loopback_exempt && is_loopback_v6(peer.remote_ip6)) {
                 Verdict::Pass
             } else {
                 Verdict::Steer(LISTENER_V6)
@@ -169,6 +200,12 @@ pub fn decide_protected(peer: &Peer, config: Option<&SteerConfig>) -> Verdict {
 /// Tells whether a network-order IPv4 address is in 127.0.0.0/8.
 pub fn is_loopback_v4(addr: u32) -> bool {
     addr.to_ne_bytes()[0] == 127
+}
+
+/// Tells whether a host-order port is one of the agent's IPv6 upstream
+/// source ports.
+pub fn is_reserved_port_v6(port: u16) -> bool {
+    (RESERVED_PORT_FIRST_V6..=RESERVED_PORT_LAST_V6).contains(&port)
 }
 
 /// Tells whether a network-order IPv6 address is `::1`.
@@ -196,15 +233,22 @@ mod tests {
             family: AF_INET,
             remote_ip4: u32::from_ne_bytes(addr.octets()),
             remote_ip6: [0; 4],
+            remote_port: RESERVED_PORT_FIRST_V6,
         }
     }
 
+    /// An IPv6 peer with a source port from the reserved range.
     fn peer_v6(addr: Ipv6Addr) -> Peer {
+        peer_v6_port(addr, RESERVED_PORT_FIRST_V6)
+    }
+
+    fn peer_v6_port(addr: Ipv6Addr, port: u16) -> Peer {
         let config = SteerConfig::new(0, Ipv4Addr::UNSPECIFIED, addr);
         Peer {
             family: AF_INET6,
             remote_ip4: 0,
             remote_ip6: config.reserved_source_v6,
+            remote_port: port,
         }
     }
 
@@ -292,12 +336,43 @@ mod tests {
     }
 
     #[test]
+    fn decide_ipv6_loopback_reserved_by_port() {
+        // The agent's default IPv6 reserved source is `::1`, the address of
+        // every in-pod IPv6 loopback caller too.
+        let strict = SteerConfig::new(0, RESERVED_V4, Ipv6Addr::LOCALHOST);
+        let exempt = SteerConfig::new(FLAG_LOOPBACK_EXEMPT, RESERVED_V4, Ipv6Addr::LOCALHOST);
+        let cases = [
+            (RESERVED_PORT_FIRST_V6, strict, Verdict::Pass),
+            (RESERVED_PORT_LAST_V6, strict, Verdict::Pass),
+            (
+                RESERVED_PORT_FIRST_V6 - 1,
+                strict,
+                Verdict::Steer(LISTENER_V6),
+            ),
+            (40000, strict, Verdict::Steer(LISTENER_V6)),
+            (40000, exempt, Verdict::Pass),
+        ];
+
+        for (port, config, expected) in cases {
+            let peer = peer_v6_port(Ipv6Addr::LOCALHOST, port);
+
+            assert_eq!(
+                decide_protected(&peer, Some(&config)),
+                expected,
+                "port {port} flags {}",
+                config.flags
+            );
+        }
+    }
+
+    #[test]
     fn decide_unknown_family_drops() {
         let config = SteerConfig::new(FLAG_LOOPBACK_EXEMPT, RESERVED_V4, RESERVED_V6);
         let peer = Peer {
             family: 1,
             remote_ip4: 0,
             remote_ip6: [0; 4],
+            remote_port: 0,
         };
 
         assert_eq!(

@@ -30,14 +30,19 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 const RELEASE_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Returns the ids of the `sk_lookup` links whose program uses one of the
-/// maps pinned in `dir`, that is the links of this pod's programs.
+/// maps pinned in the pod directory `dir` (of any layout version), that is
+/// the links of this pod's programs.
 ///
 /// Call it while the link pin still exists: a link whose last reference is
 /// already gone cannot be opened by id and is not listed.
 pub fn pod_links(dir: &Path) -> Result<BTreeSet<u32>, BpfError> {
-    let map_ids: BTreeSet<u32> = [MAP_LISTENERS, MAP_PORTS, MAP_CONFIG, MAP_COUNTERS]
+    let map_ids: BTreeSet<u32> = super::layout::all_map_dirs(dir)
         .iter()
-        .filter_map(|name| MapInfo::from_pin(dir.join(name)).ok())
+        .flat_map(|maps| {
+            [MAP_LISTENERS, MAP_PORTS, MAP_CONFIG, MAP_COUNTERS]
+                .iter()
+                .filter_map(|name| MapInfo::from_pin(maps.join(name)).ok())
+        })
         .map(|info| info.id())
         .collect();
     if map_ids.is_empty() {

@@ -1,7 +1,8 @@
 //! Layout of the agent's pins in bpffs and the operations on them.
 //!
-//! `<pin_path>/pods/<workload>/` contains the maps (pinned by name by the
-//! loader) and `link`, the program's attachment to the pod's namespace.
+//! `<pin_path>/pods/<workload>/` contains `link`, the program's attachment
+//! to the pod's namespace, and `maps_v<N>/` with the maps of layout version
+//! `N`, pinned by name by the loader (see `layout`).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -24,7 +25,7 @@ pub const LINK_PIN: &str = "link";
 
 /// Pin of a new link while it waits to replace [`LINK_PIN`]. bpffs rejects
 /// names with dots, hence the underscore.
-const LINK_STAGING_PIN: &str = "link_next";
+pub const LINK_STAGING_PIN: &str = "link_next";
 
 /// Maximum length of a file name on Linux, in bytes (`NAME_MAX`).
 const NAME_MAX: usize = 255;
@@ -183,7 +184,11 @@ pub fn remove_dir(dir: &Path, workload: &str) -> Result<(), BpfError> {
             path: dir.to_owned(),
             source,
         })?;
-        remove_file(&entry.path())?;
+        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+            super::layout::remove_tree(&entry.path())?;
+        } else {
+            remove_file(&entry.path())?;
+        }
     }
     std::fs::remove_dir(dir).map_err(|source| BpfError::RemovePin {
         path: dir.to_owned(),
@@ -207,7 +212,7 @@ fn exists(path: &Path) -> bool {
 }
 
 /// Removes a file, treating a missing one as removed.
-fn remove_file(path: &Path) -> Result<(), BpfError> {
+pub fn remove_file(path: &Path) -> Result<(), BpfError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),

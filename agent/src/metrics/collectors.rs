@@ -176,7 +176,9 @@ impl Collector for IssuerCollector {
     }
 }
 
-/// `tokengate_steering_connections_total`, one set per attached workload.
+/// `tokengate_steering_connections_total` and
+/// `tokengate_ebpf_log_records_suppressed_total`, one set per attached
+/// workload.
 #[derive(Clone)]
 pub(super) struct SteeringCollector {
     inner: Arc<SteeringInner>,
@@ -185,7 +187,8 @@ pub(super) struct SteeringCollector {
 struct SteeringInner {
     pods: Mutex<Vec<(String, Arc<PodSteering>)>>,
     series: Mutex<IntCounterVec>,
-    desc: Desc,
+    suppressed: Mutex<IntCounterVec>,
+    descs: [Desc; 2],
 }
 
 impl SteeringCollector {
@@ -199,13 +202,23 @@ impl SteeringCollector {
             &["workload", "verdict"],
         )
         .expect("static metric options are valid");
-        let desc = series.desc()[0].clone();
+        let suppressed = IntCounterVec::new(
+            Opts::new(
+                "ebpf_log_records_suppressed_total",
+                "Log records of the pod's eBPF program dropped by the agent's rate limit.",
+            )
+            .namespace(NAMESPACE),
+            &["workload"],
+        )
+        .expect("static metric options are valid");
+        let descs = [series.desc()[0].clone(), suppressed.desc()[0].clone()];
 
         Self {
             inner: Arc::new(SteeringInner {
                 pods: Mutex::new(Vec::new()),
                 series: Mutex::new(series),
-                desc,
+                suppressed: Mutex::new(suppressed),
+                descs,
             }),
         }
     }
@@ -231,7 +244,7 @@ impl SteeringCollector {
 
 impl Collector for SteeringCollector {
     fn desc(&self) -> Vec<&Desc> {
-        vec![&self.inner.desc]
+        self.inner.descs.iter().collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
@@ -247,8 +260,17 @@ impl Collector for SteeringCollector {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         series.reset();
+        let suppressed = self
+            .inner
+            .suppressed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        suppressed.reset();
 
         for (workload, steering) in &pods {
+            suppressed
+                .with_label_values(&[workload])
+                .inc_by(steering.log_records_suppressed());
             match steering.counters() {
                 Ok(counters) => {
                     series
@@ -267,6 +289,8 @@ impl Collector for SteeringCollector {
             }
         }
 
-        series.collect()
+        let mut families = series.collect();
+        families.extend(suppressed.collect());
+        families
     }
 }

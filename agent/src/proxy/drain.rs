@@ -6,6 +6,8 @@
 //! controller knows every handle is gone when its receiver reports that all
 //! senders are closed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -15,6 +17,7 @@ pub struct DrainController {
     signal: watch::Sender<bool>,
     guard: mpsc::Sender<()>,
     released: mpsc::Receiver<()>,
+    idle_kept: Arc<AtomicBool>,
 }
 
 /// A task's side: signals the task to stop, and keeps the controller waiting
@@ -23,6 +26,7 @@ pub struct DrainController {
 pub struct Shutdown {
     signal: watch::Receiver<bool>,
     _guard: mpsc::Sender<()>,
+    idle_kept: Arc<AtomicBool>,
 }
 
 impl DrainController {
@@ -33,6 +37,7 @@ impl DrainController {
             signal,
             guard,
             released,
+            idle_kept: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -41,7 +46,18 @@ impl DrainController {
         Shutdown {
             signal: self.signal.subscribe(),
             _guard: self.guard.clone(),
+            idle_kept: Arc::clone(&self.idle_kept),
         }
+    }
+
+    /// Like [`DrainController::drain`], but an idle keep-alive connection
+    /// stays open until its next request, which is answered with
+    /// `Connection: close`, or until the deadline. Used after a hand-off:
+    /// the new agent accepts by then, so a caller's next request goes to
+    /// it without meeting a connection closed under it.
+    pub async fn drain_keeping_idle(self, deadline: Duration) -> bool {
+        self.idle_kept.store(true, Ordering::Release);
+        self.drain(deadline).await
     }
 
     /// Signals every handle and waits up to `deadline` for all of them to be
@@ -51,6 +67,7 @@ impl DrainController {
             signal,
             guard,
             mut released,
+            ..
         } = self;
         signal.send_replace(true);
         drop(guard);
@@ -79,6 +96,12 @@ impl Shutdown {
     /// True once shutdown has been signalled.
     pub fn is_signalled(&self) -> bool {
         *self.signal.borrow()
+    }
+
+    /// True when the drain keeps idle connections open until their next
+    /// request (see [`DrainController::drain_keeping_idle`]).
+    pub fn keeps_idle(&self) -> bool {
+        self.idle_kept.load(Ordering::Acquire)
     }
 }
 
@@ -109,6 +132,20 @@ mod tests {
 
         assert!(!drained);
         assert!(stuck.is_signalled());
+    }
+
+    #[tokio::test]
+    async fn drain_keeping_idle_is_seen_by_handles() {
+        let controller = DrainController::new();
+        let handle = controller.handle();
+        let task = tokio::spawn(async move {
+            let mut handle = handle;
+            handle.signalled().await;
+            handle.keeps_idle()
+        });
+
+        assert!(controller.drain_keeping_idle(Duration::from_secs(5)).await);
+        assert!(task.await.unwrap());
     }
 
     #[tokio::test]
