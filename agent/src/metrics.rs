@@ -176,6 +176,19 @@ impl Metrics {
         }
     }
 
+    /// Removes the decision series of a workload that is gone, so that pods
+    /// coming and going do not grow the label set without bound.
+    pub fn forget_workload(&self, workload: &str) {
+        for reason in Reason::ALL {
+            // An error means the series did not exist, which is fine here.
+            let _ = self.decisions.remove_label_values(&[
+                workload,
+                reason.decision().as_str(),
+                reason.as_str(),
+            ]);
+        }
+    }
+
     /// Exports the steering counters of `workload`, read at every scrape.
     pub fn add_steering(&self, workload: &str, steering: Arc<PodSteering>) {
         self.steering.add(workload, steering);
@@ -314,6 +327,20 @@ mod tests {
             text.contains(r#"tokengate_decisions_total{decision="deny",reason="missing_token",workload="orders"} 0"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn forgotten_workload_series_leave_the_scrape() {
+        let metrics = Metrics::new().unwrap();
+        metrics.register_workload("orders");
+        metrics.register_workload("shop_cart-7d9f");
+        metrics.record_decision("shop_cart-7d9f", Reason::Expired);
+
+        metrics.forget_workload("shop_cart-7d9f");
+
+        let text = encode(&metrics);
+        assert!(!text.contains("shop_cart-7d9f"), "{text}");
+        assert!(text.contains(r#"workload="orders""#), "{text}");
     }
 
     #[test]

@@ -29,6 +29,11 @@ pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// once at start, and a change to it is logged as needing a restart.
 pub const RELOADABLE_FIELDS: [&str; 3] = ["issuers", "workloads", "drain_seconds"];
 
+/// Top-level sections of which only some fields apply on reload, with those
+/// fields. A change to any other field of the section needs a restart and
+/// is named as `section.field`.
+const PARTLY_RELOADABLE: [(&str, &[&str]); 1] = [("enrollment", &["selectors"])];
+
 /// `result` label of a reload that was applied.
 pub const RESULT_SUCCESS: &str = "success";
 
@@ -248,15 +253,55 @@ fn restart_fields(started: &Value, new: &Value) -> Vec<String> {
     for document in [started, new] {
         if let Value::Mapping(mapping) = document {
             for key in mapping.keys().filter_map(Value::as_str) {
-                if !RELOADABLE_FIELDS.contains(&key) && !names.iter().any(|name| name == key) {
+                let partly = PARTLY_RELOADABLE.iter().any(|(section, _)| *section == key);
+                if !RELOADABLE_FIELDS.contains(&key)
+                    && !partly
+                    && !names.iter().any(|name| name == key)
+                {
                     names.push(key.to_owned());
                 }
             }
         }
     }
     names.retain(|name| started.get(name.as_str()) != new.get(name.as_str()));
+    for (section, reloadable) in PARTLY_RELOADABLE {
+        names.extend(section_restart_fields(
+            section,
+            reloadable,
+            started.get(section),
+            new.get(section),
+        ));
+    }
     names.sort();
     names
+}
+
+/// Names, as `section.field`, the fields of one partly reloadable section
+/// that differ between the two documents, leaving out `reloadable`.
+fn section_restart_fields(
+    section: &str,
+    reloadable: &[&str],
+    started: Option<&Value>,
+    new: Option<&Value>,
+) -> Vec<String> {
+    let mut keys: Vec<&str> = Vec::new();
+    for mapping in [started, new]
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_mapping)
+    {
+        for key in mapping.keys().filter_map(Value::as_str) {
+            if !reloadable.contains(&key) && !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+    }
+    keys.into_iter()
+        .filter(|key| {
+            started.and_then(|value| value.get(*key)) != new.and_then(|value| value.get(*key))
+        })
+        .map(|key| format!("{section}.{key}"))
+        .collect()
 }
 
 /// Returns the entry of the sequence `list` whose `key` equals `name`.
@@ -404,6 +449,35 @@ mod tests {
 
         assert_eq!(changes.restart_required, ["admin"]);
         assert!(changes.workloads_changed.is_empty());
+    }
+
+    #[test]
+    fn enrollment_selectors_reload_but_socket_needs_restart() {
+        let running = config(
+            ISSUER_A,
+            ORDERS,
+            "enrollment:\n  socket: /run/a.sock\n  selectors: []\n",
+        );
+        let selectors = config(
+            ISSUER_A,
+            ORDERS,
+            "enrollment:\n  socket: /run/a.sock\n  selectors:\n    - name: shop\n      ports: [8080]\n",
+        );
+        let socket = config(
+            ISSUER_A,
+            ORDERS,
+            "enrollment:\n  socket: /run/b.sock\n  selectors: []\n",
+        );
+
+        let changes = ConfigChanges::between(&running, &running.document, &selectors);
+        assert!(
+            changes.restart_required.is_empty(),
+            "{:?}",
+            changes.restart_required
+        );
+
+        let changes = ConfigChanges::between(&running, &running.document, &socket);
+        assert_eq!(changes.restart_required, ["enrollment.socket"]);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! re-attaches those whose ports changed and detaches removed ones. A
 //! request in flight keeps the request path it loaded at its start.
 
+mod pods;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +53,12 @@ pub trait Enroll: Send + Sync + 'static {
     /// Lets go of a workload at exit, leaving its ports closed while no
     /// agent serves them.
     fn release(&self, enrolled: Self::Enrolled);
+
+    /// Removes what a previous agent left for workload `name`, which this
+    /// agent does not serve, so that its ports reach the pod's own sockets.
+    fn forget(&self, _name: &str) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// One protected workload.
@@ -73,6 +81,9 @@ pub struct Agent<E: Enroll> {
     /// In configuration order. A workload that failed to enrol is missing
     /// here, and the next reload tries it again.
     workloads: Vec<Protected<E::Enrolled>>,
+    /// Pods enrolled through the CNI plugin, apart from `workloads` because
+    /// the configuration does not list them.
+    pods: pods::Pods<E::Enrolled>,
 }
 
 impl<E: Enroll> Agent<E> {
@@ -85,6 +96,7 @@ impl<E: Enroll> Agent<E> {
             started: loaded.document.clone(),
             running: loaded,
             workloads: Vec::new(),
+            pods: pods::Pods::default(),
         }
     }
 
@@ -119,7 +131,7 @@ impl<E: Enroll> Agent<E> {
                 self.core.reload_metrics.record_failure();
                 tracing::error!(
                     path = %self.file.path().display(),
-                    error = error_chain(&error),
+                    error = crate::error_chain(&error),
                     "configuration reload failed, the previous configuration stays in force"
                 );
                 return Err(error);
@@ -144,6 +156,7 @@ impl<E: Enroll> Agent<E> {
         }
         self.running = loaded;
         self.apply_workloads().await;
+        self.apply_pods();
 
         self.core.reload_metrics.record_success();
         tracing::info!(
@@ -182,10 +195,19 @@ impl<E: Enroll> Agent<E> {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
         let mut requests_open = true;
+        let mut pod_requests = self.pods.take_requests();
+        let mut sweep = pods::sweep_interval(self.running.config.enrollment.as_ref());
 
         loop {
             tokio::select! {
-                output = &mut stop => return output,
+                output = &mut stop => {
+                    self.pods.restore_requests(pod_requests);
+                    return output;
+                }
+                Some(request) = pods::next_request(&mut pod_requests) => {
+                    self.handle_pod_request(request).await;
+                }
+                _ = sweep.tick() => self.sweep_pods().await,
                 request = requests.recv(), if requests_open => {
                     if request.is_some() {
                         // The error is logged and counted by `reload`.
@@ -205,19 +227,37 @@ impl<E: Enroll> Agent<E> {
     /// configuration in force, releases the workloads and returns the core,
     /// which the caller stops once nothing else uses it.
     pub async fn shutdown(self) -> Core {
+        self.drain_and_release(false).await
+    }
+
+    /// Like [`Agent::shutdown`] after a successor took over the listeners:
+    /// idle keep-alive connections stay open until their next request,
+    /// which is answered with `Connection: close`, so callers move to the
+    /// successor without meeting a closed connection.
+    pub async fn shutdown_after_handoff(self) -> Core {
+        self.drain_and_release(true).await
+    }
+
+    async fn drain_and_release(self, keep_idle: bool) -> Core {
         let Self {
             core,
             enroll,
             running,
-            workloads,
+            mut workloads,
+            pods,
             ..
         } = self;
+        workloads.extend(pods.into_protected());
         let deadline = Duration::from_secs(running.config.drain_seconds);
 
         let mut drains = JoinSet::new();
         let mut held = Vec::new();
         for protected in workloads {
-            drains.spawn(protected.drain.drain(deadline));
+            if keep_idle {
+                drains.spawn(protected.drain.drain_keeping_idle(deadline));
+            } else {
+                drains.spawn(protected.drain.drain(deadline));
+            }
             held.push(protected.enrolled);
         }
         let mut drained = true;
@@ -350,22 +390,12 @@ impl<E: Enroll> Agent<E> {
         tracing::info!(workload = %config.name, "workload no longer protected");
         let deadline = Duration::from_secs(self.running.config.drain_seconds);
         let name = config.name;
+        let metrics = self.core.metrics.clone();
         tokio::spawn(async move {
             if !drain.drain(deadline).await {
                 tracing::warn!(workload = %name, "drain deadline passed for a removed workload, closing its remaining connections");
             }
+            metrics.forget_workload(&name);
         });
     }
-}
-
-/// Formats `error` with its sources, outermost first.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
