@@ -20,6 +20,10 @@ const DEFAULT_OBJECT: &str = "agent-ebpf/target/bpfel-unknown-none/release/token
 /// File name of the copy in `OUT_DIR` that `bpf.rs` includes.
 const EMBEDDED_NAME: &str = "tokengate-ebpf.o";
 
+/// Further objects of the `agent-ebpf` crate, taken from the directory of the
+/// main object and copied to `OUT_DIR/<name>.o`.
+const OBJECTS: &[&str] = &["tokengate-egress", "tokengate-sockmap"];
+
 fn main() -> ExitCode {
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
@@ -49,6 +53,19 @@ fn main() -> ExitCode {
             embedded.display()
         );
         return ExitCode::FAILURE;
+    }
+
+    let object_dir = object.parent().unwrap_or(workspace_root);
+    for name in OBJECTS {
+        let source = object_dir.join(name);
+        println!("cargo::rerun-if-changed={}", source.display());
+        if let Err(error) = std::fs::copy(&source, out_dir.join(format!("{name}.o"))) {
+            eprintln!(
+                "error: failed to copy eBPF object {}: {error}; run `cargo xtask build`, which builds every object",
+                source.display()
+            );
+            return ExitCode::FAILURE;
+        }
     }
     ExitCode::SUCCESS
 }

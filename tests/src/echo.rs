@@ -18,6 +18,11 @@ use serde::{Deserialize, Serialize};
 /// what the client sent.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// Path on which `tg-echo` streams the request body back as the response
+/// body (chunked), instead of describing the request. The request log gets
+/// the usual record once the body has ended.
+pub const ECHO_BODY_PATH: &str = "/echo-body";
+
 /// First line `tg-echo` prints on standard output once every port listens.
 pub const READY_LINE_PREFIX: &str = "tg-echo listening";
 
@@ -82,18 +87,22 @@ impl EchoService {
     /// Starts `tg-echo` in the named namespace on `ports` and waits until it
     /// listens on all of them.
     pub fn start(echo_bin: &Path, netns: &str, ports: &[u16], log_path: &Path) -> Result<Self> {
-        if !echo_bin.is_file() {
-            bail!(
-                "echo binary not found at {}: build it with `cargo build -p tokengate-tests --bins`",
-                echo_bin.display()
-            );
-        }
+        check_binary(echo_bin)?;
         let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", netns])
-            .arg(echo_bin)
-            .arg("--log")
-            .arg(log_path);
+        command.args(["netns", "exec", netns]).arg(echo_bin);
+        Self::start_command(command, netns, ports, log_path)
+    }
+
+    /// Starts `command`, which runs `tg-echo` with any options of its own,
+    /// adds the log and port options, and waits until it listens on every
+    /// port. `place` names where it runs in error messages.
+    pub fn start_command(
+        mut command: Command,
+        place: &str,
+        ports: &[u16],
+        log_path: &Path,
+    ) -> Result<Self> {
+        command.arg("--log").arg(log_path);
         for port in ports {
             command.arg("--port").arg(port.to_string());
         }
@@ -102,7 +111,7 @@ impl EchoService {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .with_context(|| format!("failed to start {} in {netns}", echo_bin.display()))?;
+            .with_context(|| format!("failed to start tg-echo in {place}"))?;
 
         let stdout = child.stdout.take().context("echo stdout is not piped")?;
         let (sender, receiver) = mpsc::channel();
@@ -122,8 +131,8 @@ impl EchoService {
         match receiver.recv_timeout(START_TIMEOUT) {
             Ok(Some(Ok(line))) if line.starts_with(READY_LINE_PREFIX) => Ok(service),
             Ok(Some(Ok(line))) => bail!("tg-echo printed {line:?} instead of its ready line"),
-            Ok(_) => bail!("tg-echo in {netns} exited before listening"),
-            Err(_) => bail!("tg-echo in {netns} did not listen within {START_TIMEOUT:?}"),
+            Ok(_) => bail!("tg-echo in {place} exited before listening"),
+            Err(_) => bail!("tg-echo in {place} did not listen within {START_TIMEOUT:?}"),
         }
     }
 
@@ -160,6 +169,17 @@ impl EchoService {
     pub fn keep(&mut self) {
         self.keep = true;
     }
+}
+
+/// Fails with a build hint if `echo_bin` does not exist.
+pub fn check_binary(echo_bin: &Path) -> Result<()> {
+    if !echo_bin.is_file() {
+        bail!(
+            "echo binary not found at {}: build it with `cargo build -p tokengate-tests --bins`",
+            echo_bin.display()
+        );
+    }
+    Ok(())
 }
 
 impl Drop for EchoService {

@@ -6,20 +6,24 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
+use super::upgrade::HandoffSockets;
 use super::{Core, Enroll};
 use crate::bpf::{remove_pins, PodSteering, Steering};
 use crate::config::{InterceptionConfig, WorkloadConfig};
 use crate::netns::PodNetns;
 use crate::proxy::{self, NetnsUpstream, ProxySlot, Shutdown};
+use crate::sockmap::Sockmap;
 
 /// Listen address inside the pod. The address only has to exist there,
 /// because the `sk_lookup` program hands the listener every connection to a
 /// protected port whatever address the caller used. Loopback keeps the
 /// listener unreachable from outside the pod by any other route.
-const LISTEN_V4: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+pub(super) const LISTEN_V4: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
 
 /// IPv6 counterpart of [`LISTEN_V4`].
-const LISTEN_V6: SocketAddr = SocketAddr::new(std::net::IpAddr::V6(Ipv6Addr::LOCALHOST), 0);
+pub(super) const LISTEN_V6: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V6(Ipv6Addr::LOCALHOST), 0);
 
 /// Protects workloads through their pods' network namespaces and the
 /// eBPF steering program.
@@ -27,6 +31,10 @@ pub(super) struct NetnsEnroll {
     steering: Steering,
     reserved_source_v4: Ipv4Addr,
     reserved_source_v6: Ipv6Addr,
+    /// The sockmap fast path, when it is on and attached.
+    sockmap: Option<Arc<Sockmap>>,
+    /// Sockets offered to a successor and inherited from a predecessor.
+    handoff: HandoffSockets,
 }
 
 impl NetnsEnroll {
@@ -37,7 +45,24 @@ impl NetnsEnroll {
             steering,
             reserved_source_v4: interception.reserved_source_v4,
             reserved_source_v6: interception.reserved_source_v6,
+            sockmap: None,
+            handoff: HandoffSockets::default(),
         }
+    }
+
+    /// Takes part in upgrade hand-offs: enrolment uses the sockets in
+    /// `handoff.inherited` first and offers what it serves in
+    /// `handoff.offered`.
+    pub(super) fn with_handoff(mut self, handoff: HandoffSockets) -> Self {
+        self.handoff = handoff;
+        self
+    }
+
+    /// Registers every workload enrolled from now on with the sockmap fast
+    /// path, when `sockmap` is set.
+    pub(super) fn with_sockmap(mut self, sockmap: Option<Arc<Sockmap>>) -> Self {
+        self.sockmap = sockmap;
+        self
     }
 }
 
@@ -52,6 +77,8 @@ pub(super) struct RunningWorkload {
     /// ports can attach the program anew with the same sockets.
     listener_v4: std::net::TcpListener,
     listener_v6: Option<std::net::TcpListener>,
+    /// Netns cookie registered with the sockmap fast path.
+    sockmap_cookie: Option<u64>,
 }
 
 impl Enroll for NetnsEnroll {
@@ -92,7 +119,16 @@ impl Enroll for NetnsEnroll {
     }
 
     fn detach(&self, core: &Core, enrolled: RunningWorkload) -> anyhow::Result<()> {
-        let RunningWorkload { name, steering, .. } = enrolled;
+        let RunningWorkload {
+            name,
+            steering,
+            sockmap_cookie,
+            ..
+        } = enrolled;
+        self.handoff.withdraw(&name);
+        if let (Some(sockmap), Some(cookie)) = (&self.sockmap, sockmap_cookie) {
+            sockmap.unregister_pod(&name, cookie)?;
+        }
         core.metrics.remove_steering(&name);
 
         // A scrape may hold the program for a moment; removing the pins by
@@ -103,6 +139,11 @@ impl Enroll for NetnsEnroll {
                 remove_pins(self.steering.pin_path(), &name)?;
             }
         }
+        Ok(())
+    }
+
+    fn forget(&self, name: &str) -> anyhow::Result<()> {
+        remove_pins(self.steering.pin_path(), name)?;
         Ok(())
     }
 
@@ -124,27 +165,19 @@ async fn start(
     shutdown: Shutdown,
 ) -> anyhow::Result<RunningWorkload> {
     let name = &workload.name;
-    let netns = PodNetns::open(&workload.netns).with_context(|| {
-        format!(
-            "while opening network namespace {}",
-            workload.netns.display()
-        )
-    })?;
-    let netns = Arc::new(netns);
-
-    let listener_v4 = netns.listen(LISTEN_V4).await.with_context(|| {
-        format!(
-            "while creating the IPv4 listener in {}",
-            workload.netns.display()
-        )
-    })?;
-    let listener_v6 = match netns.listen(LISTEN_V6).await {
-        Ok(listener) => Some(listener),
-        Err(error) => {
-            tracing::info!(workload = %name, %error, "no IPv6 listener in the pod; IPv6 connections to protected ports are dropped");
-            None
-        }
-    };
+    // Inherited sockets are the ones the steering maps already hold.
+    let sockets = enroll.handoff.pod_sockets(workload).await?;
+    let netns = Arc::clone(&sockets.netns);
+    let listener_v4 = sockets
+        .listener_v4
+        .try_clone()
+        .context("while duplicating the IPv4 pod listener")?;
+    let listener_v6 = sockets
+        .listener_v6
+        .as_ref()
+        .map(std::net::TcpListener::try_clone)
+        .transpose()
+        .context("while duplicating the IPv6 pod listener")?;
 
     let pod_steering = enroll
         .steering
@@ -160,6 +193,9 @@ async fn start(
         "steering program attached"
     );
     core.metrics.add_steering(name, Arc::clone(&pod_steering));
+    // Before the proxy serves, so that the first upstream connection can
+    // already take the fast path.
+    let sockmap_cookie = register_sockmap(enroll.sockmap.as_deref(), name, &listener_v4);
 
     let kept_v4 = listener_v4
         .try_clone()
@@ -184,6 +220,7 @@ async fn start(
             shutdown.clone(),
         ));
     }
+    enroll.handoff.offer(workload, &sockets);
 
     Ok(RunningWorkload {
         name: name.clone(),
@@ -191,6 +228,7 @@ async fn start(
         steering: pod_steering,
         listener_v4: kept_v4,
         listener_v6: kept_v6,
+        sockmap_cookie,
     })
 }
 
@@ -200,4 +238,26 @@ fn into_tokio(listener: std::net::TcpListener) -> anyhow::Result<tokio::net::Tcp
         .context("while making the pod listener non-blocking")?;
     tokio::net::TcpListener::from_std(listener)
         .context("while registering the pod listener with tokio")
+}
+
+/// Registers the pod of `listener` with the sockmap fast path and returns
+/// its netns cookie. A failure is logged: the pod's traffic then takes the
+/// TCP/IP stack, which is slower but equally correct.
+fn register_sockmap(
+    sockmap: Option<&Sockmap>,
+    workload: &str,
+    listener: &std::net::TcpListener,
+) -> Option<u64> {
+    let sockmap = sockmap?;
+    match sockmap.register_pod(workload, listener) {
+        Ok(cookie) => Some(cookie),
+        Err(error) => {
+            tracing::warn!(
+                workload,
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "failed to register the pod for the sockmap fast path"
+            );
+            None
+        }
+    }
 }
