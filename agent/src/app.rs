@@ -9,6 +9,7 @@
 
 mod agent;
 mod issuers;
+mod upgrade;
 mod workload;
 
 use std::net::SocketAddr;
@@ -19,7 +20,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -238,6 +239,20 @@ pub async fn bind_admin(address: SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
+/// Turns each SIGHUP into a reload request on the returned channel.
+fn reload_on_sighup(mut hangup: Signal) -> mpsc::UnboundedReceiver<()> {
+    let (reload_requests, requests) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP received, reloading the configuration");
+            if reload_requests.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    requests
+}
+
 /// Runs the agent with the configuration file at `path` until SIGTERM or
 /// SIGINT, then drains and returns. A changed file or SIGHUP reloads the
 /// configuration.
@@ -248,7 +263,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         signal(SignalKind::terminate()).context("while installing the SIGTERM handler")?;
     let mut interrupt =
         signal(SignalKind::interrupt()).context("while installing the SIGINT handler")?;
-    let mut hangup = signal(SignalKind::hangup()).context("while installing the SIGHUP handler")?;
+    let hangup = signal(SignalKind::hangup()).context("while installing the SIGHUP handler")?;
 
     let mut file = ConfigFile::new(path);
     let loaded = file.load()?;
@@ -260,8 +275,9 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     );
 
     let core = Core::start(config, None).await?;
+    let upgrade = upgrade::take_over(config).await;
     let admin_drain = DrainController::new();
-    let admin_listener = bind_admin(config.admin.listen).await?;
+    let admin_listener = upgrade.admin_listener(config.admin.listen).await?;
     tokio::spawn(admin::serve(
         admin_listener,
         core.admin_state(),
@@ -270,32 +286,48 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
 
     let steering =
         Steering::new(&config.interception).context("while preparing the eBPF steering program")?;
-    let enroll = NetnsEnroll::new(steering, &config.interception);
+    let sockmap = crate::sockmap::start(&config.interception, core.metrics.registry())
+        .context("while registering the sockmap metrics")?;
+    let enroll = NetnsEnroll::new(steering, &config.interception)
+        .with_sockmap(sockmap)
+        .with_handoff(upgrade.sockets.clone());
+    let handoff_timeout = Duration::from_secs(config.interception.handoff.timeout_seconds);
+    upgrade.wait_for_keys(&core, handoff_timeout).await;
     let mut agent = Agent::new(core, enroll, file, loaded);
+    // Before the workloads, so that `/readyz`, which waits for them, only
+    // reports ready once egress steering is attached too.
+    let egress = crate::egress::Egress::start(agent.running_config(), agent.core())
+        .await
+        .context("while starting egress mode")?;
     let protected = agent.protect_all().await;
+    agent
+        .start_enrollment()
+        .await
+        .context("while starting pod enrolment")?;
+    let mut handoff_server = upgrade.finish(agent.running_config()).await;
     tracing::info!(
         protected,
         configured = agent.running_config().workloads.len(),
         "tokengate running"
     );
 
-    let (reload_requests, mut requests) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while hangup.recv().await.is_some() {
-            tracing::info!("SIGHUP received, reloading the configuration");
-            if reload_requests.send(()).is_err() {
-                break;
-            }
-        }
-    });
+    let mut requests = reload_on_sighup(hangup);
     let received = agent
         .watch(&mut requests, async {
             tokio::select! {
                 _ = terminate.recv() => "SIGTERM",
                 _ = interrupt.recv() => "SIGINT",
+                () = upgrade::handed_off(handoff_server.as_mut()) => upgrade::HANDED_OFF,
             }
         })
         .await;
+    let (handed_off, admin_drain) = upgrade::after_stop(
+        received,
+        admin_drain,
+        handoff_server.as_mut(),
+        handoff_timeout,
+    )
+    .await;
 
     let drain_seconds = agent.running_config().drain_seconds;
     tracing::info!(
@@ -303,10 +335,29 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         drain_seconds,
         "shutting down, draining connections"
     );
-    let core = agent.shutdown().await;
+    let egress_drain =
+        egress.map(|egress| tokio::spawn(egress.shutdown(Duration::from_secs(drain_seconds))));
+    let exit_after_handoff = agent
+        .running_config()
+        .interception
+        .handoff
+        .exit_after_handoff;
+    let core = if handed_off {
+        agent.shutdown_after_handoff().await
+    } else {
+        agent.shutdown().await
+    };
+    if let Some(task) = egress_drain {
+        let _ = task.await;
+    }
 
-    admin_drain.drain(ADMIN_DRAIN_TIMEOUT).await;
+    if let Some(admin_drain) = admin_drain {
+        admin_drain.drain(ADMIN_DRAIN_TIMEOUT).await;
+    }
     core.stop().await;
+    if handed_off && !exit_after_handoff {
+        upgrade::linger(&mut terminate, &mut interrupt).await;
+    }
     tracing::info!("tokengate stopped");
     Ok(())
 }

@@ -4,7 +4,10 @@
 //! keys. Unknown fields are rejected so that a misspelt option fails at load
 //! time instead of silently doing nothing.
 
+mod egress;
+mod enrollment;
 mod error;
+mod handoff;
 mod locate;
 mod path;
 mod rule;
@@ -16,9 +19,16 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use egress::{Cidr, EgressConfig, EgressDestination, EgressPodConfig, DEFAULT_EGRESS_MARK};
+pub use enrollment::{
+    EnrollmentConfig, KubernetesConfig, SelectorConfig, DEFAULT_CNI_SOCKET, DEFAULT_STATE_DIR,
+    PROTECT_ANNOTATION,
+};
 pub use error::{ConfigError, Problem};
+pub use handoff::{HandoffConfig, DEFAULT_HANDOFF_DIR, DEFAULT_HANDOFF_TIMEOUT_SECONDS};
 pub use rule::{
-    ClaimHeader, ClaimRequirement, CorsPreflight, ForwardMode, Requirement, RuleConfig, SegmentClaim,
+    ClaimHeader, ClaimRequirement, CorsPreflight, ForwardMode, Requirement, RuleConfig,
+    SegmentClaim,
 };
 pub(crate) use summary::redact_url;
 
@@ -38,6 +48,12 @@ pub const DEFAULT_RESERVED_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 /// IPv6 counterpart of [`DEFAULT_RESERVED_SOURCE_V4`]: the pod's `::1`,
 /// because IPv6 has one loopback address.
 pub const DEFAULT_RESERVED_SOURCE_V6: Ipv6Addr = Ipv6Addr::LOCALHOST;
+
+/// The sockmap fast path on the agent's hop to the service is off unless
+/// requested. It saves only the loopback TCP/IP stack traversal of one hop,
+/// while a redirect bug in the kernel would break connections that the
+/// stack carries correctly.
+pub const DEFAULT_SOCKMAP: bool = false;
 
 /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds. Envoy's
 /// `clock_skew_seconds` defaults to 60 as well.
@@ -124,7 +140,16 @@ pub struct Config {
     #[serde(default = "default_drain_seconds")]
     pub drain_seconds: u64,
     pub issuers: Vec<IssuerConfig>,
+    /// Static workloads; may be empty when `enrollment` selects pods.
+    #[serde(default)]
     pub workloads: Vec<WorkloadConfig>,
+    /// Pods enrolled through the CNI plugin; off when absent.
+    #[serde(default)]
+    pub enrollment: Option<EnrollmentConfig>,
+    /// Egress mode: pods whose outgoing calls are verified at the source;
+    /// off when absent.
+    #[serde(default)]
+    pub egress: EgressConfig,
     #[serde(default)]
     pub revocation: RevocationConfig,
     #[serde(default)]
@@ -174,6 +199,15 @@ pub struct InterceptionConfig {
     /// tokengate protects, and health checks that exec into the pod use it.
     #[serde(default = "default_true")]
     pub loopback_exempt: bool,
+    /// Move the payload of the agent's connections to the service between
+    /// the two sockets with `sk_msg` (sockmap), past the loopback TCP/IP
+    /// stack. Needs Linux 5.15 and cgroup v2; without them the agent warns
+    /// and forwards through the stack.
+    #[serde(default = "default_sockmap")]
+    pub sockmap: bool,
+    /// Upgrade hand-off of the listening sockets to a new agent process.
+    #[serde(default)]
+    pub handoff: HandoffConfig,
 }
 
 impl Default for InterceptionConfig {
@@ -183,6 +217,8 @@ impl Default for InterceptionConfig {
             reserved_source_v4: DEFAULT_RESERVED_SOURCE_V4,
             reserved_source_v6: DEFAULT_RESERVED_SOURCE_V6,
             loopback_exempt: true,
+            sockmap: DEFAULT_SOCKMAP,
+            handoff: HandoffConfig::default(),
         }
     }
 }
@@ -409,6 +445,9 @@ fn default_reserved_source_v4() -> Ipv4Addr {
 }
 fn default_reserved_source_v6() -> Ipv6Addr {
     DEFAULT_RESERVED_SOURCE_V6
+}
+fn default_sockmap() -> bool {
+    DEFAULT_SOCKMAP
 }
 fn default_true() -> bool {
     true

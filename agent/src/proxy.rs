@@ -11,6 +11,7 @@
 mod authorize;
 mod connection;
 mod drain;
+mod egress;
 mod forward;
 mod headers;
 mod identity;
@@ -35,6 +36,7 @@ use crate::verify::Verifier;
 
 pub use self::authorize::Authorization;
 pub use self::drain::{DrainController, Shutdown};
+pub use self::egress::{serve_egress, OriginLookup};
 pub use self::upstream::{LoopbackUpstream, NetnsUpstream, Upstream};
 
 /// Pause after a failed `accept`, so that running out of file descriptors
@@ -161,7 +163,13 @@ pub async fn serve<U: Upstream>(
     proxy: Arc<WorkloadProxy>,
     shutdown: Shutdown,
 ) {
-    serve_slot(listener, upstream, Arc::new(ProxySlot::new(proxy)), shutdown).await;
+    serve_slot(
+        listener,
+        upstream,
+        Arc::new(ProxySlot::new(proxy)),
+        shutdown,
+    )
+    .await;
 }
 
 /// Like [`serve`], with the request path read from `slot` for each request,

@@ -11,10 +11,11 @@ use std::path::Path;
 
 use super::path::FieldPath;
 use super::summary::redact_url;
-use super::{
-    Config, IssuerConfig, WorkloadConfig, ACCEPTED_ALGORITHMS, HMAC_ALGORITHMS,
-};
+use super::{Config, IssuerConfig, WorkloadConfig, ACCEPTED_ALGORITHMS, HMAC_ALGORITHMS};
 
+mod egress;
+mod enrollment;
+mod handoff;
 mod rules;
 
 /// Maximum length of a workload name. Names appear in metric labels, audit events and
@@ -53,6 +54,14 @@ pub(super) fn validate(config: &Config) -> Vec<Finding> {
     check_interception(&mut checker, config, &root);
     check_issuers(&mut checker, &config.issuers, &root.key("issuers"));
     check_workloads(&mut checker, &config.workloads, &root.key("workloads"));
+    enrollment::check_enrollment(
+        &mut checker,
+        config.enrollment.as_ref(),
+        config.workloads.len(),
+        &root,
+    );
+    egress::check_egress(&mut checker, config, &root);
+    handoff::check_handoff(&mut checker, config, &root);
     check_revocation_and_cache(&mut checker, config, &root);
 
     checker.findings
@@ -440,7 +449,11 @@ fn check_algorithms(checker: &mut Checker, issuer: &IssuerConfig, path: &FieldPa
             // RFC 8725 §3.2: `none` must be rejected unless the token is
             // protected by other means, which it is not here.
             "`none` marks an unsigned token that anyone can forge; remove it".to_owned()
-        } else if !has_secret && HMAC_ALGORITHMS.iter().any(|hs| name.eq_ignore_ascii_case(hs)) {
+        } else if !has_secret
+            && HMAC_ALGORITHMS
+                .iter()
+                .any(|hs| name.eq_ignore_ascii_case(hs))
+        {
             // RFC 8725 §3.1: HMAC verification uses a shared secret, and a
             // verifier that treats a public JWKS key as that secret accepts
             // tokens signed by anyone who has the public key.
@@ -473,14 +486,8 @@ fn check_algorithms(checker: &mut Checker, issuer: &IssuerConfig, path: &FieldPa
 }
 
 fn check_workloads(checker: &mut Checker, workloads: &[WorkloadConfig], path: &FieldPath) {
-    if workloads.is_empty() {
-        checker.report(
-            path.clone(),
-            "[]",
-            "add at least one workload; without one nothing is protected",
-        );
-    }
-
+    // An empty list is reported by `enrollment::check_enrollment`, because
+    // selected pods may be all that a node protects.
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut ports_in_netns: HashMap<(&Path, u16), usize> = HashMap::new();
     for (index, workload) in workloads.iter().enumerate() {

@@ -2,7 +2,7 @@
 //! server connection and the handling of each request on it.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +41,7 @@ pub(super) async fn serve_connection<U: Upstream>(
     upstream: Arc<U>,
     stream: TcpStream,
     source: SocketAddr,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
     let proxy = slot.load();
     // With sk_lookup steering the accepted socket's local address is the
@@ -67,6 +67,21 @@ pub(super) async fn serve_connection<U: Upstream>(
         ));
         return;
     }
+    serve_http(slot, upstream, stream, source, destination, shutdown).await;
+}
+
+/// Serves HTTP/1.1 on an accepted connection whose original destination is
+/// known, until the caller closes it, an error ends it, or shutdown lets
+/// its current request finish.
+pub(super) async fn serve_http<U: Upstream>(
+    slot: Arc<ProxySlot>,
+    upstream: Arc<U>,
+    stream: TcpStream,
+    source: SocketAddr,
+    destination: SocketAddr,
+    mut shutdown: Shutdown,
+) {
+    let proxy = slot.load();
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "failed to set TCP_NODELAY on the caller connection");
     }
@@ -77,9 +92,22 @@ pub(super) async fn serve_connection<U: Upstream>(
         source,
         destination,
     });
+    let draining = shutdown.clone();
     let service = service_fn(move |request| {
         let context = Arc::clone(&context);
-        async move { Ok::<_, Infallible>(context.handle(request).await) }
+        let draining = draining.clone();
+        async move {
+            let mut response = context.handle(request).await;
+            if draining.is_signalled() {
+                // The caller opens its next connection to the new agent,
+                // and knows before sending that this one is done.
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
 
     let connection = http1::Builder::new()
@@ -87,15 +115,24 @@ pub(super) async fn serve_connection<U: Upstream>(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_REQUEST_HEAD_BYTES)
         .keep_alive(true)
+        // A caller may shut down its write side after the request and wait
+        // for the response (half close); without this hyper closes the
+        // connection as soon as it reads the EOF.
+        .half_close(true)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
 
     let result = tokio::select! {
         result = connection.as_mut() => result,
         () = shutdown.signalled() => {
-            // Finish the request in flight, then close instead of waiting
-            // for the next one.
-            connection.as_mut().graceful_shutdown();
+            if !shutdown.keeps_idle() {
+                // Finish the request in flight, then close instead of
+                // waiting for the next one.
+                connection.as_mut().graceful_shutdown();
+            }
+            // Otherwise an idle connection waits for its next request, whose
+            // response says `Connection: close`, so that the caller never
+            // sends into a connection that is being closed.
             connection.await
         }
     };
@@ -185,7 +222,7 @@ impl<U: Upstream> RequestContext<U> {
                 tracing::warn!(
                     workload = %proxy.name,
                     destination = %self.destination,
-                    error = %error_chain(&error),
+                    error = %crate::error_chain(&error),
                     "failed to forward an allowed request"
                 );
                 let response = deny(Reason::UpstreamUnavailable);
@@ -209,22 +246,18 @@ fn fill_event(event: &mut AuditEvent, authorization: Authorization) {
     event.rule = authorization.rule;
 }
 
-/// Formats `error` with its sources, outermost first.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// Maps an IPv4-mapped IPv6 address to plain IPv4, so audit lines and the
-/// upstream connection use the family the caller used.
+/// upstream connection use the family the caller used. Any other IPv6
+/// address keeps its scope id, without which a link-local destination
+/// cannot be connected to again.
 fn canonical(address: SocketAddr) -> SocketAddr {
-    SocketAddr::new(address.ip().to_canonical(), address.port())
+    match address {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => address,
+        },
+        SocketAddr::V4(_) => address,
+    }
 }
 
 impl WorkloadProxy {
@@ -239,7 +272,7 @@ impl WorkloadProxy {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
 
@@ -256,5 +289,17 @@ mod tests {
             "198.18.0.2:8080".parse::<SocketAddr>().unwrap()
         );
         assert_eq!(canonical(plain_v6), plain_v6);
+    }
+
+    #[test]
+    fn link_local_keeps_scope_id() {
+        let link_local = SocketAddr::V6(std::net::SocketAddrV6::new(
+            "fe80::1".parse().unwrap(),
+            8080,
+            0,
+            7,
+        ));
+
+        assert_eq!(canonical(link_local), link_local);
     }
 }
