@@ -28,6 +28,11 @@ use crate::verify::{VerifiedToken, Verifier};
 /// SHA-256 of a token.
 pub type TokenDigest = [u8; 32];
 
+/// Returns the SHA-256 of `token`, the cache key.
+pub fn token_digest(token: &str) -> TokenDigest {
+    Sha256::digest(token.as_bytes()).into()
+}
+
 /// The cache shared by every workload's request path.
 pub struct TokenCache {
     enabled: bool,
@@ -54,17 +59,18 @@ pub struct Lookup {
     /// Table generation seen before verification. An insert into a newer
     /// generation is dropped, because the key sets changed meanwhile.
     generation: u64,
-    hit: Option<VerifiedToken>,
+    /// Shared with the cache entry, so a hit copies no claims.
+    hit: Option<Arc<VerifiedToken>>,
 }
 
 impl Lookup {
     /// Returns the cached token on a hit.
     pub fn hit(&self) -> Option<&VerifiedToken> {
-        self.hit.as_ref()
+        self.hit.as_deref()
     }
 
     /// Takes the cached token out, on a hit.
-    pub fn take_hit(&mut self) -> Option<VerifiedToken> {
+    pub fn take_hit(&mut self) -> Option<Arc<VerifiedToken>> {
         self.hit.take()
     }
 }
@@ -91,7 +97,7 @@ struct Slot {
 }
 
 struct Entry {
-    token: VerifiedToken,
+    token: Arc<VerifiedToken>,
     /// First Unix second at which the verifier rejects the token as
     /// expired: `exp + skew`.
     expires_at: u64,
@@ -143,7 +149,20 @@ impl TokenCache {
                 hit: None,
             };
         }
-        let digest: TokenDigest = Sha256::digest(token.as_bytes()).into();
+        self.lookup_digest(token_digest(token), now)
+    }
+
+    /// Looks up the token whose SHA-256 is `digest`, for a caller that has
+    /// hashed it already (the request path also needs the digest for the
+    /// token's fingerprint). Otherwise the same as [`TokenCache::lookup`].
+    pub fn lookup_digest(&self, digest: TokenDigest, now: u64) -> Lookup {
+        if !self.enabled {
+            return Lookup {
+                digest: None,
+                generation: 0,
+                hit: None,
+            };
+        }
 
         let (generation, found) = {
             let table = self.read_current_table();
@@ -156,7 +175,7 @@ impl TokenCache {
         };
 
         let hit = match found {
-            Some(entry) if entry.is_valid_at(now) => Some(entry.token.clone()),
+            Some(entry) if entry.is_valid_at(now) => Some(Arc::clone(&entry.token)),
             Some(_) => {
                 self.remove(&digest, now);
                 None
@@ -213,7 +232,7 @@ impl TokenCache {
         }
         let skew = tracked.config.clock_skew_seconds;
         let entry = Entry {
-            token: token.clone(),
+            token: Arc::new(token.clone()),
             expires_at: exp.saturating_add(skew),
             valid_from: nbf.map_or(0, |nbf| nbf.saturating_sub(skew)),
         };

@@ -6,17 +6,22 @@
 //! agent. This command then runs wrk against each scenario in interleaved
 //! rounds (A B A B, so drift over time falls on every scenario alike), with
 //! the proxy pinned to one CPU and wrk and the service to the other. It
-//! prints a table and writes JSON under `target/bench/`. Traffic goes only
-//! to the pod's 198.18.0.0/15 address and the agent's loopback admin port.
+//! prints a table, writes JSON under `target/bench/` and draws SVG plots
+//! from it. After the rounds it measures the memory of idle keep-alive
+//! connections. Traffic goes only to the pods' 198.18.0.0/15 addresses and
+//! the agents' loopback admin ports.
 
+mod apache;
+mod idle;
 mod nginx;
+mod plot;
 mod pod;
 mod proc_stats;
 mod report;
 mod scenario;
 mod wrk;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,9 +30,11 @@ use serde_json::json;
 
 use crate::build::{self, Profile};
 use crate::{process, workspace};
+use apache::{Apache, APACHE_BIN, APACHE_PORT, OPENIDC_MODULE};
+use idle::IdleMemory;
 use nginx::{Mode, Nginx, VerifierSpec, NGINX_PORT, NJS_MODULE};
 use pod::{Pod, PodSettings, Topology};
-use report::Run;
+use report::{IdleResult, Run, Unavailable};
 use scenario::{Mix, Scenario};
 
 /// Default measured duration per run, in seconds: long enough for stable
@@ -50,6 +57,28 @@ const DEFAULT_ROUNDS: u32 = 2;
 const QUICK_DURATION_SECONDS: u64 = 2;
 const QUICK_WARMUP_SECONDS: u64 = 1;
 
+/// Default idle keep-alive connections per proxy in the memory measurement.
+/// The agent uses two descriptors per connection (caller and service), and
+/// this machine's hard `RLIMIT_NOFILE` of 20,000 cannot be raised without
+/// `CAP_SYS_RESOURCE`, so 10,000 does not fit; 9,000 does.
+const DEFAULT_IDLE_CONNECTIONS: usize = 9_000;
+
+/// Idle connections of `--quick`.
+const QUICK_IDLE_CONNECTIONS: usize = 1_000;
+
+/// Default worker threads of the agent's tokio runtime: one, because the
+/// agent gets one CPU, as nginx gets one worker process. tokio's default
+/// (one per CPU at start) would run two threads on the one pinned CPU.
+const DEFAULT_AGENT_WORKER_THREADS: usize = 1;
+
+/// Path prefix that the agent's benchmark rule protects; the requests go
+/// below it.
+const PROTECTED_PREFIX: &str = "/orders";
+
+/// The issuer's JWKS in the workspace, served to httpd from its own
+/// document root.
+const JWKS_FIXTURE: &str = "tests/fixtures/jwks.json";
+
 /// Distinct tokens per algorithm for the cache-miss scenarios: twice the
 /// agent's default cache capacity (10,000), so a cycle through them in
 /// order misses the least-recently-used cache on every request.
@@ -67,10 +96,12 @@ const PROXY_CPU: &str = "1";
 
 /// Debian packages the benchmark runs, with the file that shows each is
 /// installed.
-const PACKAGES: [(&str, &str); 3] = [
+const PACKAGES: [(&str, &str); 5] = [
     ("wrk", "/usr/bin/wrk"),
     ("nginx", "/usr/sbin/nginx"),
     ("libnginx-mod-http-js", NJS_MODULE),
+    ("apache2", APACHE_BIN),
+    ("libapache2-mod-auth-openidc", OPENIDC_MODULE),
 ];
 
 /// Options of `cargo xtask bench`.
@@ -91,9 +122,30 @@ pub struct Options {
     /// Comma-separated scenario names; every scenario when absent.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
-    /// Short smoke run: 2 s measured and 1 s warm-up per run.
+    /// Short smoke run: 2 s measured and 1 s warm-up per run, 1,000 idle
+    /// connections.
     #[arg(long)]
     quick: bool,
+    /// Idle keep-alive connections per proxy in the memory measurement; 0
+    /// skips it.
+    #[arg(long, default_value_t = DEFAULT_IDLE_CONNECTIONS)]
+    idle_connections: usize,
+    /// Worker threads of the agent's tokio runtime; 0 keeps tokio's default.
+    #[arg(long, default_value_t = DEFAULT_AGENT_WORKER_THREADS)]
+    agent_worker_threads: usize,
+    /// Agent binary to measure instead of the fresh release build, such as
+    /// a saved build from before a change.
+    #[arg(long, value_name = "FILE")]
+    agent: Option<PathBuf>,
+    /// Use the release binaries of the last build (agent, `bench_pod`,
+    /// `bench_service` in target/release/) instead of building, for runs
+    /// while other builds hold cargo's lock.
+    #[arg(long)]
+    no_build: bool,
+    /// Only redraw the plots (into target/bench/ and docs/bench/) from a
+    /// results file of an earlier run, such as target/bench/latest.json.
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
 }
 
 /// Setup results that every run needs.
@@ -101,6 +153,7 @@ struct RunContext<'a> {
     topology: &'a Topology,
     script: &'a Path,
     spki: &'a str,
+    jwks_json: &'a str,
     connections: u32,
     duration: Duration,
     warmup: Duration,
@@ -109,18 +162,183 @@ struct RunContext<'a> {
 
 /// Runs the benchmark and prints the table.
 pub fn run(root: &Path, options: &Options) -> anyhow::Result<ExitCode> {
-    let (duration, warmup) = if options.quick {
-        (QUICK_DURATION_SECONDS, QUICK_WARMUP_SECONDS)
+    if let Some(path) = &options.plot {
+        return redraw(root, path);
+    }
+    let (duration, warmup, idle_connections) = if options.quick {
+        (
+            QUICK_DURATION_SECONDS,
+            QUICK_WARMUP_SECONDS,
+            options.idle_connections.min(QUICK_IDLE_CONNECTIONS),
+        )
     } else {
-        (options.duration, options.warmup)
+        (options.duration, options.warmup, options.idle_connections)
     };
     if duration == 0 || options.rounds == 0 || options.connections == 0 {
         bail!("--duration, --rounds and --connections must be at least 1");
     }
-    let scenarios = scenario::select(&options.scenarios)?;
+    let mut scenarios = scenario::select(&options.scenarios)?;
     check_machine()?;
     install_packages()?;
+    // Before any proxy starts, so that each inherits the raised limit.
+    idle::raise_open_files_limit(idle_connections)?;
 
+    let (pod_bin, service_bin, agent_bin) = if options.no_build {
+        last_build(root, options.agent.as_deref())?
+    } else {
+        build_binaries(root, options.agent.as_deref())?
+    };
+
+    let runs_total = u64::from(options.rounds) * scenarios.len() as u64;
+    let planned_seconds = runs_total * (duration + warmup + 2);
+    let pod = Pod::start(&PodSettings {
+        pod_bin: &pod_bin,
+        agent_bin: &agent_bin,
+        service_bin: &service_bin,
+        service_cpu: LOAD_CPU,
+        unique_tokens: UNIQUE_TOKENS,
+        token_lifetime_seconds: planned_seconds + TOKEN_LIFETIME_MARGIN_SECONDS,
+        sockmap: scenarios.contains(&Scenario::TokengateSockmap),
+        agent_worker_threads: (options.agent_worker_threads > 0)
+            .then_some(options.agent_worker_threads),
+    })?;
+    let topology = &pod.topology;
+    let unavailable = drop_unavailable(&mut scenarios, topology)?;
+    for (name, reason) in &unavailable {
+        println!("bench: skipping {name}: {reason}");
+    }
+    pin_agent(topology.agent_pid)?;
+    if let Ok(sockmap) = &topology.sockmap {
+        pin_agent(sockmap.agent_pid)?;
+    }
+    let idle_rss_kib = proc_stats::status_kib(&[topology.agent_pid], "VmRSS")?;
+
+    let script = wrk::write_script(&topology.work_dir)?;
+    let spki = nginx::spki_base64(&topology.rsa_private_key)?;
+    let jwks_path = root.join(JWKS_FIXTURE);
+    let jwks_json = std::fs::read_to_string(&jwks_path)
+        .with_context(|| format!("failed to read {}", jwks_path.display()))?;
+    let context = RunContext {
+        topology,
+        script: &script,
+        spki: &spki,
+        jwks_json: &jwks_json,
+        connections: options.connections,
+        duration: Duration::from_secs(duration),
+        warmup: Duration::from_secs(warmup),
+        ticks_per_second: proc_stats::clock_ticks(),
+    };
+
+    let runs = run_rounds(&context, &scenarios, options.rounds)?;
+    let idle = if idle_connections == 0 {
+        Vec::new()
+    } else {
+        measure_idle(&context, &scenarios, idle_connections)?
+    };
+
+    let summaries = report::summarize(&runs);
+    println!("\n{}", report::table(&summaries, &unavailable, &idle));
+    println!(
+        "agent idle RSS before the load: {:.1} MiB",
+        kib_to_mib(idle_rss_kib)
+    );
+    let results = Results {
+        runs: &runs,
+        summaries: &summaries,
+        unavailable: &unavailable,
+        idle: &idle,
+    };
+    let settings = json!({
+        "duration_seconds": duration,
+        "warmup_seconds": warmup,
+        "connections": options.connections,
+        "rounds": options.rounds,
+        "quick": options.quick,
+        "unique_tokens": UNIQUE_TOKENS,
+        "load_cpu": LOAD_CPU,
+        "proxy_cpu": PROXY_CPU,
+        "agent_idle_rss_kib": idle_rss_kib,
+        "agent_worker_threads": options.agent_worker_threads,
+        "agent": agent_bin,
+        "idle_connections": idle_connections,
+    });
+    write_results(root, &settings, &results, options.quick)?;
+
+    drop(pod);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Everything a run measured.
+struct Results<'a> {
+    runs: &'a [Run],
+    summaries: &'a [report::Summary],
+    unavailable: &'a [Unavailable],
+    idle: &'a [IdleResult],
+}
+
+/// Writes the JSON document and draws the plots; a quick run's plots stay
+/// out of docs/, since it is a smoke check.
+fn write_results(
+    root: &Path,
+    settings: &serde_json::Value,
+    results: &Results<'_>,
+    quick: bool,
+) -> anyhow::Result<()> {
+    let unix_time = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs());
+    let document = report::document(
+        settings,
+        &machine(),
+        results.runs,
+        results.summaries,
+        results.unavailable,
+        results.idle,
+    );
+    let path = report::write(root, unix_time, &document)?;
+    println!("bench: results in {}", path.display());
+    for plot in plot::write_all(root, &document, !quick)? {
+        println!("bench: plot {}", plot.display());
+    }
+    Ok(())
+}
+
+/// Redraws the plots from the results file at `path`.
+fn redraw(root: &Path, path: &Path) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("failed to read {}", path.display()))?;
+    let document: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a benchmark results file", path.display()))?;
+    for plot in plot::write_all(root, &document, true)? {
+        println!("bench: plot {}", plot.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs every scenario once per round, in the same order each round, so
+/// that drift over time falls on every scenario alike.
+fn run_rounds(
+    context: &RunContext<'_>,
+    scenarios: &[Scenario],
+    rounds: u32,
+) -> anyhow::Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    for round in 1..=rounds {
+        for scenario in scenarios {
+            println!("bench: round {round}/{rounds}: {}", scenario.name());
+            runs.push(run_one(context, *scenario, round)?);
+            context.topology.truncate_audit()?;
+        }
+    }
+    Ok(runs)
+}
+
+/// Builds the eBPF object, the agent, `bench_pod` and `bench_service`, and
+/// returns the paths of the last three; `agent` replaces the fresh agent.
+fn build_binaries(
+    root: &Path,
+    agent: Option<&Path>,
+) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     let artifacts = build::run(root, Profile::Release)?;
     let executables = build::cargo_build(
         root,
@@ -137,73 +355,135 @@ pub fn run(root: &Path, options: &Options) -> anyhow::Result<ExitCode> {
     )?;
     let pod_bin = build::find_executable(&executables, "bench_pod")?;
     let service_bin = build::find_executable(&executables, "bench_service")?;
+    let agent_bin = agent.map_or(artifacts.agent, Path::to_path_buf);
+    Ok((pod_bin, service_bin, agent_bin))
+}
 
-    let runs_total = u64::from(options.rounds) * scenarios.len() as u64;
-    let planned_seconds = runs_total * (duration + warmup + 2);
-    let pod = Pod::start(&PodSettings {
-        pod_bin: &pod_bin,
-        agent_bin: &artifacts.agent,
-        service_bin: &service_bin,
-        service_cpu: LOAD_CPU,
-        unique_tokens: UNIQUE_TOKENS,
-        token_lifetime_seconds: planned_seconds + TOKEN_LIFETIME_MARGIN_SECONDS,
-    })?;
-    let topology = &pod.topology;
-    pin_agent(topology.agent_pid)?;
-    let idle_rss_kib = proc_stats::status_kib(&[topology.agent_pid], "VmRSS")?;
-
-    let script = wrk::write_script(&topology.work_dir)?;
-    let spki = nginx::spki_base64(&topology.rsa_private_key)?;
-    let context = RunContext {
-        topology,
-        script: &script,
-        spki: &spki,
-        connections: options.connections,
-        duration: Duration::from_secs(duration),
-        warmup: Duration::from_secs(warmup),
-        ticks_per_second: proc_stats::clock_ticks(),
-    };
-
-    let mut runs = Vec::new();
-    for round in 1..=options.rounds {
-        for scenario in &scenarios {
-            println!(
-                "bench: round {round}/{}: {}",
-                options.rounds,
-                scenario.name()
-            );
-            runs.push(run_one(&context, *scenario, round)?);
-            topology.truncate_audit()?;
+/// Returns the binaries of the last release build, like [`build_binaries`]
+/// without building.
+fn last_build(root: &Path, agent: Option<&Path>) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    let dir = root.join("target/release");
+    let [pod_bin, service_bin, agent_bin] =
+        ["bench_pod", "bench_service", "tokengate"].map(|name| dir.join(name));
+    for path in [&pod_bin, &service_bin, &agent_bin] {
+        if !path.is_file() {
+            bail!("{} not found; run without --no-build once", path.display());
         }
     }
+    Ok((
+        pod_bin,
+        service_bin,
+        agent.map_or(agent_bin, Path::to_path_buf),
+    ))
+}
 
-    let summaries = report::summarize(&runs);
-    println!("\n{}", report::table(&summaries));
-    println!(
-        "agent idle RSS before the load: {:.1} MiB",
-        kib_to_mib(idle_rss_kib)
-    );
-
-    let unix_time = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs());
-    let settings = json!({
-        "duration_seconds": duration,
-        "warmup_seconds": warmup,
-        "connections": options.connections,
-        "rounds": options.rounds,
-        "quick": options.quick,
-        "unique_tokens": UNIQUE_TOKENS,
-        "load_cpu": LOAD_CPU,
-        "proxy_cpu": PROXY_CPU,
-        "agent_idle_rss_kib": idle_rss_kib,
+/// Removes the scenarios that cannot run here from `scenarios` and returns
+/// them with the reason. The sockmap scenario needs an agent that accepts
+/// `interception.sockmap` and then attached the fast path: an agent whose
+/// attach failed forwards through the TCP/IP stack, which is the plain
+/// tokengate scenario under another name.
+fn drop_unavailable(
+    scenarios: &mut Vec<Scenario>,
+    topology: &Topology,
+) -> anyhow::Result<Vec<Unavailable>> {
+    let sockmap_reason = match &topology.sockmap {
+        Err(reason) => Some(reason.clone()),
+        Ok(sockmap) if !pod::sockmap_enabled(sockmap.agent_admin)? => Some(
+            "the agent accepts interception.sockmap but did not attach the fast path \
+             (tokengate_sockmap_enabled is 0; its warning above gives the cause)"
+                .to_owned(),
+        ),
+        Ok(_) => None,
+    };
+    let mut unavailable = Vec::new();
+    scenarios.retain(|scenario| {
+        let reason = match scenario {
+            Scenario::TokengateSockmap => sockmap_reason.clone(),
+            _ => None,
+        };
+        match reason {
+            Some(reason) => {
+                unavailable.push((scenario.name(), reason));
+                false
+            }
+            None => true,
+        }
     });
-    let document = report::document(&settings, &machine(), &runs, &summaries);
-    let path = report::write(root, unix_time, &document)?;
-    println!("bench: results in {}", path.display());
+    Ok(unavailable)
+}
 
-    drop(pod);
-    Ok(ExitCode::SUCCESS)
+/// Measures the RSS of idle keep-alive connections for each proxy among
+/// `scenarios`: the agent (one RS256 token, so every request is a cache
+/// hit), nginx-plain and nginx-njs. httpd is left out: its event MPM with
+/// one process serves a few hundred connections, not thousands.
+fn measure_idle(
+    context: &RunContext<'_>,
+    scenarios: &[Scenario],
+    count: usize,
+) -> anyhow::Result<Vec<IdleResult>> {
+    let topology = context.topology;
+    let token = std::fs::read_to_string(&topology.token_files("RS256")?.one)
+        .context("failed to read the RS256 token file")?;
+    let token = token.trim();
+    let mut results = Vec::new();
+
+    let agent_scenarios = scenarios
+        .iter()
+        .any(|scenario| matches!(scenario, Scenario::Tokengate { .. }));
+    if agent_scenarios {
+        println!("bench: {count} idle connections: tokengate");
+        let addr = format!("{}:{}", topology.pod_address, topology.protected_port)
+            .parse()
+            .context("invalid pod address")?;
+        let memory = idle::measure(
+            &idle::Target {
+                addr,
+                path: &topology.path,
+                token,
+                pids: &[topology.agent_pid],
+            },
+            count,
+            idle::SETTLE_TIME,
+        )?;
+        results.push(("tokengate".to_owned(), memory));
+    }
+
+    for (scenario, mode) in [
+        (Scenario::NginxPlain, Mode::Plain),
+        (Scenario::NginxNjs, Mode::Njs),
+    ] {
+        if !scenarios.contains(&scenario) {
+            continue;
+        }
+        println!("bench: {count} idle connections: {}", scenario.name());
+        let nginx = start_nginx(context, mode)?;
+        let memory = idle_nginx(context, &nginx, token, count)?;
+        drop(nginx);
+        results.push((scenario.name(), memory));
+    }
+    Ok(results)
+}
+
+fn idle_nginx(
+    context: &RunContext<'_>,
+    nginx: &Nginx,
+    token: &str,
+    count: usize,
+) -> anyhow::Result<IdleMemory> {
+    let topology = context.topology;
+    let addr = format!("{}:{NGINX_PORT}", topology.pod_address)
+        .parse()
+        .context("invalid pod address")?;
+    idle::measure(
+        &idle::Target {
+            addr,
+            path: &topology.path,
+            token,
+            pids: &nginx.pids(),
+        },
+        count,
+        idle::SETTLE_TIME,
+    )
 }
 
 /// Runs one scenario once: warm-up, then the measured run with the proxy's
@@ -212,6 +492,9 @@ fn run_one(context: &RunContext<'_>, scenario: Scenario, round: u32) -> anyhow::
     let topology = context.topology;
     let rs256 = topology.token_files("RS256")?;
     let mut nginx = None;
+    let mut apache = None;
+    let mut address = topology.pod_address.clone();
+    let mut admin = None;
     let (port, token_file, proxy_pids) = match scenario {
         Scenario::Direct => (topology.direct_port, rs256.one.clone(), Vec::new()),
         Scenario::Tokengate { alg, mix } => {
@@ -220,7 +503,21 @@ fn run_one(context: &RunContext<'_>, scenario: Scenario, round: u32) -> anyhow::
                 Mix::Hit => files.one.clone(),
                 Mix::Miss => files.unique.clone(),
             };
+            admin = Some(topology.agent_admin);
             (topology.protected_port, file, vec![topology.agent_pid])
+        }
+        Scenario::TokengateSockmap => {
+            let sockmap = topology
+                .sockmap
+                .as_ref()
+                .map_err(|reason| anyhow::anyhow!("no sockmap pod: {reason}"))?;
+            address.clone_from(&sockmap.pod_address);
+            admin = Some(sockmap.agent_admin);
+            (
+                sockmap.protected_port,
+                rs256.one.clone(),
+                vec![sockmap.agent_pid],
+            )
         }
         Scenario::NginxNjs | Scenario::NginxPlain => {
             let mode = if scenario == Scenario::NginxNjs {
@@ -233,8 +530,14 @@ fn run_one(context: &RunContext<'_>, scenario: Scenario, round: u32) -> anyhow::
             nginx = Some(started);
             (NGINX_PORT, rs256.one.clone(), pids)
         }
+        Scenario::ApacheOpenidc => {
+            let started = start_apache(context)?;
+            let pids = started.pids();
+            apache = Some(started);
+            (APACHE_PORT, rs256.one.clone(), pids)
+        }
     };
-    let url = format!("http://{}:{port}{}", topology.pod_address, topology.path);
+    let url = format!("http://{address}:{port}{}", topology.path);
     let mut load = wrk::Load {
         url,
         token_file: &token_file,
@@ -246,12 +549,7 @@ fn run_one(context: &RunContext<'_>, scenario: Scenario, round: u32) -> anyhow::
         wrk::run(&load, context.script)?;
     }
 
-    let is_agent = matches!(scenario, Scenario::Tokengate { .. });
-    let cache_before = if is_agent {
-        Some(topology.cache_counters()?)
-    } else {
-        None
-    };
+    let cache_before = admin.map(pod::cache_counters).transpose()?;
     proc_stats::reset_peak_rss(&proxy_pids)?;
     let cpu_before = proc_stats::cpu_ticks(&proxy_pids)?;
 
@@ -264,14 +562,15 @@ fn run_one(context: &RunContext<'_>, scenario: Scenario, round: u32) -> anyhow::
     } else {
         Some(proc_stats::status_kib(&proxy_pids, "VmHWM")?)
     };
-    let cache = match cache_before {
-        Some((hits, misses)) => {
-            let (hits_after, misses_after) = topology.cache_counters()?;
+    let cache = match (cache_before, admin) {
+        (Some((hits, misses)), Some(admin)) => {
+            let (hits_after, misses_after) = pod::cache_counters(admin)?;
             Some((hits_after - hits, misses_after - misses))
         }
-        None => None,
+        _ => None,
     };
     drop(nginx);
+    drop(apache);
 
     #[expect(
         clippy::cast_precision_loss,
@@ -289,6 +588,26 @@ fn run_one(context: &RunContext<'_>, scenario: Scenario, round: u32) -> anyhow::
         peak_rss_kib,
         cache,
     })
+}
+
+fn start_apache(context: &RunContext<'_>) -> anyhow::Result<Apache> {
+    let topology = context.topology;
+    let listen = format!("{}:{APACHE_PORT}", topology.pod_address)
+        .parse()
+        .context("invalid pod address")?;
+    Apache::start(
+        &topology.netns,
+        listen,
+        topology.direct_port,
+        PROXY_CPU,
+        context.jwks_json,
+        &apache::Requirements {
+            issuer: &topology.issuer,
+            audience: &topology.audience,
+            role: &topology.role,
+            path_prefix: PROTECTED_PREFIX,
+        },
+    )
 }
 
 fn start_nginx(context: &RunContext<'_>, mode: Mode) -> anyhow::Result<Nginx> {

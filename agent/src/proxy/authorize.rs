@@ -7,13 +7,14 @@ use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 
 use super::WorkloadProxy;
+use crate::cache::{self, TokenDigest};
 use crate::config::ForwardMode;
 use crate::decision::Reason;
 use crate::extract::TokenLocation;
 use crate::jwks::IssuerKeys;
 use crate::metrics::{self, CACHE_HIT, CACHE_MISS, ISSUER_UNKNOWN, RESULT_VALID};
 use crate::policy::{self, RequestFacts, TokenState};
-use crate::verify::{self, VerifiedToken, VerifyFailure};
+use crate::verify::{VerifiedToken, VerifyFailure};
 
 /// The outcome of authorizing one request, with what the audit event and
 /// the forwarded request need.
@@ -101,9 +102,11 @@ impl WorkloadProxy {
             }
         };
         let token = found.token;
-        authorization.token_fingerprint = Some(verify::fingerprint(token));
+        // One SHA-256 serves as the cache key and the fingerprint.
+        let digest = cache::token_digest(token);
+        authorization.token_fingerprint = Some(fingerprint(&digest));
 
-        let (result, elapsed) = self.verify_with_refetch(token, now_unix).await;
+        let (result, elapsed) = self.verify_with_refetch(token, digest, now_unix).await;
         let seconds = elapsed.as_secs_f64();
         authorization.verification_seconds = Some(seconds);
 
@@ -137,8 +140,8 @@ impl WorkloadProxy {
                 authorization.moved_bearer = HeaderValue::from_str(&format!("Bearer {token}")).ok();
             }
         }
-        authorization.issuer = Some(verified.issuer);
-        authorization.subject = verified.subject;
+        authorization.issuer = Some(verified.issuer.clone());
+        authorization.subject.clone_from(&verified.subject);
         authorization
     }
 
@@ -170,11 +173,12 @@ impl WorkloadProxy {
     async fn verify_with_refetch(
         &self,
         token: &str,
+        digest: TokenDigest,
         now_unix: u64,
-    ) -> (Result<VerifiedToken, VerifyFailure>, Duration) {
+    ) -> (Result<Arc<VerifiedToken>, VerifyFailure>, Duration) {
         let cache = &self.shared.token_cache;
         let started = Instant::now();
-        let mut lookup = cache.lookup(token, now_unix);
+        let mut lookup = cache.lookup_digest(digest, now_unix);
         let mut elapsed = started.elapsed();
 
         let (result, cache_label) = if let Some(verified) = lookup.take_hit() {
@@ -186,7 +190,7 @@ impl WorkloadProxy {
                 cache.insert(&lookup, verified, &self.shared.verifier, now_unix);
             }
             elapsed += verify_elapsed + started.elapsed();
-            (result, CACHE_MISS)
+            (result.map(Arc::new), CACHE_MISS)
         };
 
         let started = Instant::now();
@@ -194,8 +198,8 @@ impl WorkloadProxy {
             if self.shared.revocations.is_revoked(&verified) {
                 Err(VerifyFailure {
                     reason: Reason::Revoked,
-                    issuer: Some(verified.issuer),
-                    kid: verified.kid,
+                    issuer: Some(verified.issuer.clone()),
+                    kid: verified.kid.clone(),
                 })
             } else {
                 Ok(verified)
@@ -213,7 +217,7 @@ impl WorkloadProxy {
     fn observe_verification(
         &self,
         token: &str,
-        result: &Result<VerifiedToken, VerifyFailure>,
+        result: &Result<Arc<VerifiedToken>, VerifyFailure>,
         cache_label: &str,
         elapsed: Duration,
     ) {
@@ -295,4 +299,31 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_secs())
+}
+
+/// Returns the token fingerprint (the first 16 hex characters of its
+/// SHA-256, as `verify::fingerprint` computes it) from the digest.
+fn fingerprint(digest: &TokenDigest) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(16);
+    for byte in &digest[..8] {
+        hex.push(char::from(HEX[usize::from(byte >> 4)]));
+        hex.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    hex
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verify;
+
+    #[test]
+    fn fingerprint_matches_verify() {
+        for token in ["abc", "a", "eyJhbGciOiJSUzI1NiJ9.e30.c2ln"] {
+            let digest = cache::token_digest(token);
+
+            assert_eq!(fingerprint(&digest), verify::fingerprint(token));
+        }
+    }
 }

@@ -10,6 +10,14 @@
 //! process left in the pod namespace (such as an nginx the benchmark
 //! started), stops the agent, the service and the issuer, and removes the
 //! namespace, the bridge and its temporary directory.
+//!
+//! With `--sockmap` it also sets up a second pod with its own service and a
+//! second agent that has `interception.sockmap: true`. An agent that
+//! rejects the field gets no second pod, and the topology carries the reason.
+
+// A binary's root resolves modules next to itself, in src/bin/.
+#[path = "bench_pod/sockmap.rs"]
+mod sockmap;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -79,6 +87,10 @@ struct Args {
     /// Lifetime of every minted token, in seconds; it must cover the run.
     #[arg(long)]
     token_lifetime: u64,
+    /// Also set up a second pod protected by an agent with the sockmap fast
+    /// path, when the agent accepts `interception.sockmap`.
+    #[arg(long)]
+    sockmap: bool,
 }
 
 fn main() -> Result<()> {
@@ -100,9 +112,17 @@ fn main() -> Result<()> {
 
     let mut network = Network::create()?;
     let pod = network.add_pod("orders")?;
-    let result = run(&args, dir.path(), &pod, &stop_signals);
+    let sockmap_pod = if args.sockmap {
+        Some(network.add_pod("sockmap")?)
+    } else {
+        None
+    };
+    let result = run(&args, dir.path(), &pod, sockmap_pod.as_ref(), &stop_signals);
 
     kill_pod_processes(&pod.netns);
+    if let Some(sockmap_pod) = &sockmap_pod {
+        kill_pod_processes(&sockmap_pod.netns);
+    }
     drop(network);
     drop(dir);
     result
@@ -110,10 +130,24 @@ fn main() -> Result<()> {
 
 /// Starts the service, issuer and agent, reports the topology and waits for
 /// the stop signal. Everything started here stops when this returns.
-fn run(args: &Args, dir: &Path, pod: &PodInfo, stop_signals: &SigSet) -> Result<()> {
+fn run(
+    args: &Args,
+    dir: &Path,
+    pod: &PodInfo,
+    sockmap_pod: Option<&PodInfo>,
+    stop_signals: &SigSet,
+) -> Result<()> {
     let _service = ServiceGuard::start(args, pod)?;
     let issuer = Issuer::start()?;
     let agent = Agent::start(&args.agent, &agent_config(&issuer, pod))?;
+    let (_sockmap_service, sockmap_agent, sockmap_topology) = match sockmap_pod {
+        Some(sockmap_pod) => start_sockmap(args, dir, &issuer, sockmap_pod)?,
+        None => (
+            None,
+            None,
+            json!({ "unavailable": "not requested (bench_pod runs without --sockmap)" }),
+        ),
+    };
 
     let started = Instant::now();
     let token_files = write_tokens(dir, args.unique_tokens, args.token_lifetime)?;
@@ -139,6 +173,7 @@ fn run(args: &Args, dir: &Path, pod: &PodInfo, stop_signals: &SigSet) -> Result<
         "role": ROLE,
         "rsa_kid": Key::Rsa1.kid(),
         "rsa_private_key": workspace_root().join("tests/fixtures/rsa-1.pem"),
+        "sockmap": sockmap_topology,
     });
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{topology}").context("failed to write the topology")?;
@@ -155,7 +190,39 @@ fn run(args: &Args, dir: &Path, pod: &PodInfo, stop_signals: &SigSet) -> Result<
         .wait()
         .context("failed to wait for a stop signal")?;
     eprintln!("bench_pod: {signal:?}, removing the topology");
+    drop(sockmap_agent);
     Ok(())
+}
+
+/// Starts the second pod's service and its sockmap agent when the agent
+/// accepts the field. Returns them (both `None` when skipped) and the
+/// topology entry: the pod's address, port and agent, or the reason it is
+/// unavailable.
+fn start_sockmap(
+    args: &Args,
+    dir: &Path,
+    issuer: &Issuer,
+    pod: &PodInfo,
+) -> Result<(
+    Option<ServiceGuard>,
+    Option<sockmap::SockmapAgent>,
+    serde_json::Value,
+)> {
+    let config = agent_config(issuer, pod);
+    if let Err(reason) = sockmap::probe(&args.agent, &config, dir) {
+        eprintln!("bench_pod: sockmap scenario unavailable: {reason}");
+        return Ok((None, None, json!({ "unavailable": reason })));
+    }
+    let service = ServiceGuard::start(args, pod)?;
+    let agent = sockmap::SockmapAgent::start(&args.agent, &config, dir)?;
+    let topology = json!({
+        "pod_address": pod.address.to_string(),
+        "protected_port": PROTECTED_PORT,
+        "agent_pid": agent.pid(),
+        "agent_admin": agent.admin.to_string(),
+        "audit_path": agent.audit_path,
+    });
+    Ok((Some(service), Some(agent), topology))
 }
 
 fn agent_config(issuer: &Issuer, pod: &PodInfo) -> AgentConfig {

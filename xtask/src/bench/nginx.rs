@@ -32,6 +32,11 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// client connections, so no request waits for a new upstream connection.
 const UPSTREAM_KEEPALIVE: u32 = 128;
 
+/// Connections per worker: room for the idle-connection measurement
+/// (thousands of client connections) plus the upstream keep-alive pool,
+/// below the open-file limit that nginx inherits from the benchmark.
+const WORKER_CONNECTIONS: u32 = 16_384;
+
 /// Which nginx.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -193,7 +198,7 @@ pid {dir}/nginx.pid;
 error_log {dir}/logs/error.log warn;
 
 events {{
-    worker_connections 4096;
+    worker_connections {WORKER_CONNECTIONS};
 }}
 
 http {{

@@ -25,6 +25,15 @@ pub struct TokenFiles {
     pub unique: PathBuf,
 }
 
+/// The second pod, protected by an agent with the sockmap fast path.
+pub struct SockmapPod {
+    pub pod_address: String,
+    pub protected_port: u16,
+    pub agent_pid: u32,
+    pub agent_admin: SocketAddr,
+    pub audit_path: PathBuf,
+}
+
 /// Description of the topology that `bench_pod` set up.
 pub struct Topology {
     pub netns: String,
@@ -48,6 +57,8 @@ pub struct Topology {
     pub rsa_kid: String,
     /// PEM file of the RS256 signing key; its public half is in the JWKS.
     pub rsa_private_key: PathBuf,
+    /// The sockmap pod, or why there is none.
+    pub sockmap: Result<SockmapPod, String>,
 }
 
 /// Settings passed to `bench_pod`.
@@ -58,6 +69,11 @@ pub struct PodSettings<'a> {
     pub service_cpu: &'a str,
     pub unique_tokens: usize,
     pub token_lifetime_seconds: u64,
+    /// Set up the sockmap pod too.
+    pub sockmap: bool,
+    /// Worker threads of the agent's tokio runtime; `None` leaves tokio's
+    /// default of one per CPU the agent may run on when it starts.
+    pub agent_worker_threads: Option<usize>,
 }
 
 /// A running `bench_pod`. Drop closes its standard input and waits for it
@@ -86,6 +102,14 @@ impl Pod {
             // Per-request agent logs would cost the agent and fill memory;
             // the harness waits for the info line of the admin listener.
             .env("TOKENGATE_E2E_LOG", "warn,tokengate::app=info");
+        if settings.sockmap {
+            command.arg("--sockmap");
+        }
+        if let Some(threads) = settings.agent_worker_threads {
+            // tokio's multi-thread runtime reads this when it is built; the
+            // agents that bench_pod starts inherit it.
+            command.env("TOKIO_WORKER_THREADS", threads.to_string());
+        }
         let line = process::describe(&command);
         println!("+ {line}");
         let mut child = command
@@ -141,6 +165,7 @@ impl Topology {
             role: String::new(),
             rsa_kid: String::new(),
             rsa_private_key: PathBuf::new(),
+            sockmap: Err(String::new()),
         }
     }
 
@@ -197,6 +222,7 @@ impl Topology {
             role: text("role")?,
             rsa_kid: text("rsa_kid")?,
             rsa_private_key: PathBuf::from(text("rsa_private_key")?),
+            sockmap: parse_sockmap(&value["sockmap"])?,
         })
     }
 
@@ -207,24 +233,67 @@ impl Topology {
             .with_context(|| format!("bench_pod minted no {alg} tokens"))
     }
 
-    /// Returns the agent's token-cache hit and miss counters.
-    pub fn cache_counters(&self) -> anyhow::Result<(u64, u64)> {
-        let text = get_metrics(self.agent_admin)?;
-        Ok((
-            sum_series(&text, "tokengate_token_cache_hits_total"),
-            sum_series(&text, "tokengate_token_cache_misses_total"),
-        ))
-    }
-
-    /// Empties the agent's audit file between runs so that the disk does
-    /// not fill; the agent appends, so it keeps writing at the new end.
+    /// Empties the agents' audit files between runs so that the disk does
+    /// not fill; the agents append, so they keep writing at the new end.
     pub fn truncate_audit(&self) -> anyhow::Result<()> {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.audit_path)
-            .and_then(|file| file.set_len(0))
-            .with_context(|| format!("failed to truncate {}", self.audit_path.display()))
+        truncate(&self.audit_path)?;
+        if let Ok(sockmap) = &self.sockmap {
+            truncate(&sockmap.audit_path)?;
+        }
+        Ok(())
     }
+}
+
+/// Reads the topology's `sockmap` entry: the pod, or `unavailable` with the
+/// reason.
+fn parse_sockmap(value: &Value) -> anyhow::Result<Result<SockmapPod, String>> {
+    if let Some(reason) = value["unavailable"].as_str() {
+        return Ok(Err(reason.to_owned()));
+    }
+    let text = |name: &str| -> anyhow::Result<&str> {
+        value[name]
+            .as_str()
+            .with_context(|| format!("topology field sockmap.{name} is missing"))
+    };
+    let number = |name: &str| -> anyhow::Result<u64> {
+        value[name]
+            .as_u64()
+            .with_context(|| format!("topology field sockmap.{name} is missing"))
+    };
+    Ok(Ok(SockmapPod {
+        pod_address: text("pod_address")?.to_owned(),
+        protected_port: u16::try_from(number("protected_port")?)?,
+        agent_pid: u32::try_from(number("agent_pid")?)?,
+        agent_admin: text("agent_admin")?
+            .parse()
+            .context("invalid topology field sockmap.agent_admin")?,
+        audit_path: PathBuf::from(text("audit_path")?),
+    }))
+}
+
+/// Returns the token-cache hit and miss counters of the agent whose admin
+/// listener is `admin`.
+pub fn cache_counters(admin: SocketAddr) -> anyhow::Result<(u64, u64)> {
+    let text = get_metrics(admin)?;
+    Ok((
+        sum_series(&text, "tokengate_token_cache_hits_total"),
+        sum_series(&text, "tokengate_token_cache_misses_total"),
+    ))
+}
+
+/// Returns the value of the agent's `tokengate_sockmap_enabled` gauge: 1
+/// when the fast path is attached.
+pub fn sockmap_enabled(admin: SocketAddr) -> anyhow::Result<bool> {
+    let text = get_metrics(admin)?;
+    Ok(sum_series(&text, "tokengate_sockmap_enabled") == 1)
+}
+
+fn truncate(path: &Path) -> anyhow::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|file| file.set_len(0))
+        .with_context(|| format!("failed to truncate {}", path.display()))
 }
 
 /// Fetches `/metrics` from the agent's admin listener on loopback.

@@ -7,8 +7,14 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use crate::bench::scenario::NOT_AVAILABLE;
+use crate::bench::idle::IdleMemory;
 use crate::bench::wrk::WrkResult;
+
+/// A scenario that did not run, and why.
+pub type Unavailable = (String, String);
+
+/// The idle-connection measurement of one proxy.
+pub type IdleResult = (String, IdleMemory);
 
 /// One measured run of one scenario.
 #[derive(Clone, Debug)]
@@ -29,6 +35,10 @@ pub struct Run {
 pub struct Summary {
     pub scenario: String,
     pub requests_per_second: f64,
+    /// Lowest and highest requests/s over the rounds: the spread.
+    pub requests_per_second_range: (f64, f64),
+    /// Lowest and highest p50 over the rounds.
+    pub p50_us_range: (f64, f64),
     pub p50_us: f64,
     pub p90_us: f64,
     pub p99_us: f64,
@@ -66,6 +76,13 @@ pub fn summarize(runs: &[Run]) -> Vec<Summary> {
 fn summarize_one(name: &str, runs: &[&Run]) -> Summary {
     let count = runs.len() as f64;
     let mean = |value: fn(&Run) -> f64| runs.iter().map(|run| value(run)).sum::<f64>() / count;
+    let range = |value: fn(&Run) -> f64| {
+        runs.iter()
+            .map(|run| value(run))
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(low, high), x| {
+                (low.min(x), high.max(x))
+            })
+    };
     let cpu: Vec<f64> = runs
         .iter()
         .filter_map(|run| run.cpu_seconds_per_10k)
@@ -78,6 +95,8 @@ fn summarize_one(name: &str, runs: &[&Run]) -> Summary {
     Summary {
         scenario: name.to_owned(),
         requests_per_second: mean(|run| run.wrk.requests_per_second),
+        requests_per_second_range: range(|run| run.wrk.requests_per_second),
+        p50_us_range: range(|run| run.wrk.p50_us),
         p50_us: mean(|run| run.wrk.p50_us),
         p90_us: mean(|run| run.wrk.p90_us),
         p99_us: mean(|run| run.wrk.p99_us),
@@ -121,18 +140,19 @@ fn cell(value: Option<f64>, precision: usize) -> String {
     value.map_or_else(|| "-".to_owned(), |value| format!("{value:.precision$}"))
 }
 
-/// Renders the two tables: absolute figures, then ratios to direct and to
-/// nginx+njs.
-pub fn table(summaries: &[Summary]) -> String {
+/// Renders the tables: absolute figures with the spread over rounds,
+/// ratios to direct and to nginx+njs, and the idle-connection memory.
+pub fn table(summaries: &[Summary], unavailable: &[Unavailable], idle: &[IdleResult]) -> String {
     let direct = find(summaries, "direct");
     let njs = find(summaries, "nginx-njs");
     let mut text = String::new();
 
     let _ = writeln!(
         text,
-        "{:<22} {:>10} {:>9} {:>9} {:>9} {:>11} {:>9} {:>7} {:>6}",
+        "{:<22} {:>10} {:>15} {:>9} {:>9} {:>9} {:>11} {:>9} {:>7} {:>6}",
         "scenario",
         "req/s",
+        "req/s range",
         "p50 ms",
         "p90 ms",
         "p99 ms",
@@ -144,11 +164,13 @@ pub fn table(summaries: &[Summary]) -> String {
     for summary in summaries {
         #[expect(clippy::cast_precision_loss, reason = "RSS in KiB is far below 2^52")]
         let rss = summary.peak_rss_kib.map(|kib| kib as f64 / 1024.0);
+        let (low, high) = summary.requests_per_second_range;
         let _ = writeln!(
             text,
-            "{:<22} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>11} {:>9} {:>7} {:>6}",
+            "{:<22} {:>10.0} {:>15} {:>9.3} {:>9.3} {:>9.3} {:>11} {:>9} {:>7} {:>6}",
             summary.scenario,
             summary.requests_per_second,
+            format!("{low:.0}-{high:.0}"),
             summary.p50_us / 1e3,
             summary.p90_us / 1e3,
             summary.p99_us / 1e3,
@@ -158,8 +180,8 @@ pub fn table(summaries: &[Summary]) -> String {
             cell(summary.cache_hit_ratio.map(|ratio| ratio * 100.0), 1),
         );
     }
-    for (name, reason) in NOT_AVAILABLE {
-        let _ = writeln!(text, "{name:<22} not available: {reason}");
+    for (name, reason) in unavailable {
+        let _ = writeln!(text, "{name:<22} not run: {reason}");
     }
 
     let _ = writeln!(
@@ -184,12 +206,37 @@ pub fn table(summaries: &[Summary]) -> String {
             cell(of(njs, 5), 2),
         );
     }
+
+    if !idle.is_empty() {
+        let _ = writeln!(
+            text,
+            "\n{:<22} {:>11} {:>13} {:>13} {:>13}",
+            "idle connections", "count", "RSS before", "RSS idle", "KiB per conn"
+        );
+        for (name, memory) in idle {
+            let _ = writeln!(
+                text,
+                "{name:<22} {:>11} {:>10} KiB {:>9} KiB {:>13.2}",
+                memory.connections,
+                memory.rss_before_kib,
+                memory.rss_idle_kib,
+                memory.kib_per_connection(),
+            );
+        }
+    }
     text
 }
 
 /// Builds the JSON document: settings, machine, every run, and each
 /// summary with its ratios to direct and to nginx+njs.
-pub fn document(settings: &Value, machine: &Value, runs: &[Run], summaries: &[Summary]) -> Value {
+pub fn document(
+    settings: &Value,
+    machine: &Value,
+    runs: &[Run],
+    summaries: &[Summary],
+    unavailable: &[Unavailable],
+    idle: &[IdleResult],
+) -> Value {
     let direct = find(summaries, "direct");
     let njs = find(summaries, "nginx-njs");
     let ratios_to = |summary: &Summary, base: Option<&Summary>| -> Value {
@@ -208,10 +255,18 @@ pub fn document(settings: &Value, machine: &Value, runs: &[Run], summaries: &[Su
     json!({
         "settings": settings,
         "machine": machine,
-        "not_available": NOT_AVAILABLE
+        "not_available": unavailable
             .iter()
             .map(|(name, reason)| json!({ "scenario": name, "reason": reason }))
             .collect::<Vec<_>>(),
+        "idle_connections": idle.iter().map(|(name, memory)| json!({
+            "proxy": name,
+            "connections": memory.connections,
+            "rss_before_kib": memory.rss_before_kib,
+            "rss_idle_kib": memory.rss_idle_kib,
+            "kib_per_connection": memory.kib_per_connection(),
+            "open_seconds": memory.open_seconds,
+        })).collect::<Vec<_>>(),
         "runs": runs.iter().map(|run| json!({
             "scenario": run.scenario,
             "round": run.round,
@@ -232,7 +287,11 @@ pub fn document(settings: &Value, machine: &Value, runs: &[Run], summaries: &[Su
             "scenario": summary.scenario,
             "rounds": summary.rounds,
             "requests_per_second": summary.requests_per_second,
+            "requests_per_second_min": summary.requests_per_second_range.0,
+            "requests_per_second_max": summary.requests_per_second_range.1,
             "p50_us": summary.p50_us,
+            "p50_us_min": summary.p50_us_range.0,
+            "p50_us_max": summary.p50_us_range.1,
             "p90_us": summary.p90_us,
             "p99_us": summary.p99_us,
             "cpu_seconds_per_10k": summary.cpu_seconds_per_10k,
@@ -257,4 +316,59 @@ pub fn write(root: &Path, unix_time: u64, document: &Value) -> anyhow::Result<Pa
             .with_context(|| format!("failed to write {}", target.display()))?;
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(scenario: &str, round: u32, requests_per_second: f64, p50_us: f64) -> Run {
+        Run {
+            scenario: scenario.to_owned(),
+            round,
+            wrk: WrkResult {
+                requests_per_second,
+                p50_us,
+                ..WrkResult::default()
+            },
+            cpu_seconds_per_10k: None,
+            peak_rss_kib: None,
+            cache: None,
+        }
+    }
+
+    #[test]
+    fn summary_has_mean_and_spread() {
+        let runs = [
+            run("direct", 1, 60_000.0, 300.0),
+            run("nginx-njs", 1, 4_000.0, 5_000.0),
+            run("direct", 2, 70_000.0, 320.0),
+        ];
+
+        let summaries = summarize(&runs);
+
+        assert_eq!(summaries.len(), 2);
+        assert_eq!(summaries[0].scenario, "direct");
+        assert!((summaries[0].requests_per_second - 65_000.0).abs() < 1e-9);
+        assert_eq!(summaries[0].requests_per_second_range, (60_000.0, 70_000.0));
+        assert_eq!(summaries[0].p50_us_range, (300.0, 320.0));
+        assert_eq!(summaries[0].rounds, 2);
+    }
+
+    #[test]
+    fn document_has_ratios_to_njs() {
+        let runs = [
+            run("direct", 1, 60_000.0, 300.0),
+            run("nginx-njs", 1, 4_000.0, 5_000.0),
+        ];
+        let summaries = summarize(&runs);
+        let unavailable = vec![("apache-openidc".to_owned(), "not installed".to_owned())];
+
+        let document = document(&json!({}), &json!({}), &runs, &summaries, &unavailable, &[]);
+
+        let direct = &document["summaries"][0];
+        assert_eq!(direct["ratio_to_nginx_njs"]["requests_per_second"], 15.0);
+        assert_eq!(direct["ratio_to_direct"]["p50_us"], 1.0);
+        assert_eq!(document["not_available"][0]["reason"], "not installed");
+    }
 }
