@@ -45,7 +45,10 @@ impl Readiness {
 
     /// Records whether `workload` is attached and served.
     pub fn set_attached(&self, workload: &str, attached: bool) {
-        let mut workloads = self.workloads.write().unwrap_or_else(PoisonError::into_inner);
+        let mut workloads = self
+            .workloads
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         for (name, flag) in workloads.iter_mut() {
             if name == workload {
                 *flag = attached;
@@ -55,7 +58,10 @@ impl Readiness {
 
     /// Adds `workload`, not attached, unless it is listed already.
     pub fn add_workload(&self, workload: &str) {
-        let mut workloads = self.workloads.write().unwrap_or_else(PoisonError::into_inner);
+        let mut workloads = self
+            .workloads
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if !workloads.iter().any(|(name, _)| name == workload) {
             workloads.push((workload.to_owned(), false));
         }
@@ -77,7 +83,10 @@ impl Readiness {
     /// Lists what is not ready, one short line each; empty when ready.
     pub fn not_ready(&self) -> Vec<String> {
         let issuers = self.issuers.read().unwrap_or_else(PoisonError::into_inner);
-        let workloads = self.workloads.read().unwrap_or_else(PoisonError::into_inner);
+        let workloads = self
+            .workloads
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         let issuers = issuers
             .iter()
             .filter(|keys| !keys.is_ready())

@@ -244,7 +244,7 @@ async fn load_keys(issuers: &[Arc<IssuerKeys>]) -> Vec<(String, String)> {
             let outcome = keys.refresh_now().await;
             (
                 keys.config.issuer.clone(),
-                outcome.err().map(|error| error_chain(&error)),
+                outcome.err().map(|error| crate::error_chain(&error)),
             )
         });
     }
@@ -366,15 +366,4 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_secs())
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

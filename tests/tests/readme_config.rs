@@ -12,9 +12,14 @@ fn readme_config_example() -> String {
         .find("## Configuration")
         .expect("README has a Configuration section");
     let fence = "```yaml\n";
-    let start = readme[section..].find(fence).expect("a yaml block in the section") + section;
+    let start = readme[section..]
+        .find(fence)
+        .expect("a yaml block in the section")
+        + section;
     let body_start = start + fence.len();
-    let length = readme[body_start..].find("```").expect("the yaml block is closed");
+    let length = readme[body_start..]
+        .find("```")
+        .expect("the yaml block is closed");
     readme[body_start..body_start + length].to_owned()
 }
 
@@ -22,10 +27,12 @@ fn readme_config_example() -> String {
 fn readme_example_is_valid() {
     let example = readme_config_example();
 
-    let config = tokengate::config::parse(&example, "README.md").unwrap_or_else(|error| {
-        panic!("the README configuration example is rejected: {error}")
-    });
+    let config = tokengate::config::parse(&example, "README.md")
+        .unwrap_or_else(|error| panic!("the README configuration example is rejected: {error}"));
 
     assert_eq!(config.workloads.len(), 1);
-    assert!(config.workloads[0].rules.len() >= 5, "every rule form is shown");
+    assert!(
+        config.workloads[0].rules.len() >= 5,
+        "every rule form is shown"
+    );
 }
