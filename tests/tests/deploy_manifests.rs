@@ -125,6 +125,9 @@ fn every_object_has_kind_api_version_and_name() {
     }
 }
 
+/// Kinds that belong to no namespace.
+const CLUSTER_SCOPED: [&str; 3] = ["Namespace", "ClusterRole", "ClusterRoleBinding"];
+
 #[test]
 fn namespaced_objects_use_a_defined_namespace() {
     let objects = load_objects();
@@ -137,7 +140,10 @@ fn namespaced_objects_use_a_defined_namespace() {
         return;
     }
 
-    for object in objects.iter().filter(|object| object.kind() != "Namespace") {
+    for object in objects
+        .iter()
+        .filter(|object| !CLUSTER_SCOPED.contains(&object.kind()))
+    {
         let namespace = object.namespace().unwrap_or("default");
         assert!(
             namespaces.contains(&namespace),
@@ -258,9 +264,54 @@ fn sample_config_parses_with_agent_parser() {
         !config.issuers.is_empty(),
         "the sample config has no issuer"
     );
+    let selectors = config
+        .enrollment
+        .as_ref()
+        .map_or(0, |enrollment| enrollment.selectors.len());
     assert!(
-        !config.workloads.is_empty(),
-        "the sample config has no workload"
+        !config.workloads.is_empty() || selectors > 0,
+        "the sample config protects nothing: no workload and no pod selector"
+    );
+}
+
+#[test]
+fn agent_may_read_pods_and_nothing_else() {
+    let objects = load_objects();
+    let pod = &daemonset(&objects).value["spec"]["template"]["spec"];
+    let account = as_str(&pod["serviceAccountName"], "serviceAccountName");
+    let namespace = daemonset(&objects).namespace().unwrap_or("default");
+
+    let binding = objects
+        .iter()
+        .filter(|object| object.kind() == "ClusterRoleBinding")
+        .find(|object| {
+            sequence(&object.value["subjects"], "subjects")
+                .iter()
+                .any(|subject| {
+                    subject["kind"].as_str() == Some("ServiceAccount")
+                        && subject["name"].as_str() == Some(account)
+                        && subject["namespace"].as_str() == Some(namespace)
+                })
+        })
+        .expect("a ClusterRoleBinding names the agent's ServiceAccount");
+    let role_name = as_str(&binding.value["roleRef"]["name"], "roleRef.name");
+    let role = find(&objects, "ClusterRole", role_name)
+        .unwrap_or_else(|| panic!("ClusterRole {role_name} is not in deploy/"));
+
+    let rules = sequence(&role.value["rules"], "rules");
+    assert_eq!(rules.len(), 1, "the agent's role has more than one rule");
+    let list = |field: &str| -> Vec<&str> {
+        sequence(&rules[0][field], field)
+            .iter()
+            .map(|item| as_str(item, field))
+            .collect()
+    };
+    assert_eq!(list("resources"), ["pods"]);
+    assert_eq!(list("verbs"), ["get"]);
+    assert_ne!(
+        pod["automountServiceAccountToken"].as_bool(),
+        Some(false),
+        "the agent needs its service-account token to read pods"
     );
 }
 
@@ -280,20 +331,43 @@ fn daemonset_matches_sample_config() {
         annotations["prometheus.io/port"].as_str(),
         Some(admin_port.as_str())
     );
-    let container_ports: Vec<String> = agent["ports"]
-        .as_sequence()
-        .map(|ports| {
-            ports
-                .iter()
-                .filter_map(|port| port["containerPort"].as_u64())
-                .map(|port| port.to_string())
-                .collect()
-        })
-        .unwrap_or_default();
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let port = &agent[probe]["httpGet"]["port"];
+        assert_eq!(
+            port.as_u64().map(|port| port.to_string()),
+            Some(admin_port.clone()),
+            "{probe} does not use the admin port {admin_port}: {port:?}"
+        );
+    }
+    // A port entry would become a host port under hostNetwork, and the
+    // surge pod of an upgrade could then not be scheduled on the node.
     assert!(
-        container_ports.contains(&admin_port),
-        "containerPort {admin_port} missing: {container_ports:?}"
+        agent["ports"].as_sequence().is_none_or(Vec::is_empty),
+        "the agent container declares ports"
     );
+    let strategy = &daemonset(&objects).value["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(
+        strategy["maxSurge"].as_u64(),
+        Some(1),
+        "hand-off needs a surge pod"
+    );
+    assert_eq!(strategy["maxUnavailable"].as_u64(), Some(0));
+
+    // The CNI socket, the pod state and the hand-off socket are on the
+    // node, where the plugin and the next agent pod find them.
+    let enrollment = config.enrollment.as_ref().expect("the sample enrols pods");
+    let handoff = config
+        .interception
+        .handoff
+        .socket_path(&config.interception.pin_path);
+    for path in [&enrollment.socket, &enrollment.state_dir, &handoff] {
+        let (_, volume) = volume_containing(pod, agent, path);
+        assert!(
+            volume["hostPath"]["path"].as_str().is_some(),
+            "{} is not on a hostPath volume",
+            path.display()
+        );
+    }
 
     // The pins live in the node's bpffs, mounted from the host.
     let (_, pin_volume) = volume_containing(pod, agent, &config.interception.pin_path);
