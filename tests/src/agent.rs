@@ -79,6 +79,9 @@ pub struct Agent {
     config_path: PathBuf,
     audit_path: PathBuf,
     pin_path: PathBuf,
+    /// The hand-off socket of the config as patched, which a killed agent
+    /// leaves behind.
+    handoff_socket: Option<PathBuf>,
     dir: Option<tempfile::TempDir>,
     keep: bool,
 }
@@ -107,6 +110,7 @@ impl Agent {
         let pin_path = Path::new(BPFFS).join(format!("tokengate-{}", unique_id()));
         let mut value = config.to_value(&audit_path, &pin_path);
         patch(&mut value);
+        let handoff_socket = handoff_socket(&value);
         let yaml = serde_yaml::to_string(&value).context("failed to render the agent config")?;
         std::fs::write(&config_path, yaml)
             .with_context(|| format!("failed to write {}", config_path.display()))?;
@@ -155,6 +159,7 @@ impl Agent {
             config_path,
             audit_path,
             pin_path,
+            handoff_socket,
             dir: Some(dir),
             keep: false,
         };
@@ -441,14 +446,29 @@ impl Drop for Agent {
                     );
                 }
             }
-            // A killed agent leaves its hand-off socket, whose default path
-            // is derived from the pin path.
-            if let Some(name) = self.pin_path.file_name() {
-                let socket = format!("{}.sock", name.to_string_lossy());
-                let _ = std::fs::remove_file(Path::new(HANDOFF_DIR).join(socket));
+            // A killed agent leaves its hand-off socket. Agents of an
+            // upgrade test share one, so it goes only once nothing listens.
+            if let Some(socket) = &self.handoff_socket {
+                let refused = std::os::unix::net::UnixStream::connect(socket)
+                    .is_err_and(|error| error.kind() == std::io::ErrorKind::ConnectionRefused);
+                if refused {
+                    let _ = std::fs::remove_file(socket);
+                }
             }
         }
     }
+}
+
+/// Returns the hand-off socket that an agent with `config` listens on: the
+/// configured one, or the default derived from the pin path.
+fn handoff_socket(config: &Value) -> Option<PathBuf> {
+    let interception = &config["interception"];
+    if let Some(socket) = interception["handoff"]["socket"].as_str() {
+        return Some(PathBuf::from(socket));
+    }
+    let pin_path = Path::new(interception["pin_path"].as_str()?);
+    let name = pin_path.file_name()?.to_string_lossy();
+    Some(Path::new(HANDOFF_DIR).join(format!("{name}.sock")))
 }
 
 /// Extracts `addr=IP:PORT` from the admin listener's start line.

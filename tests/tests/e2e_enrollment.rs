@@ -248,6 +248,8 @@ audit:
   file: {audit}
 interception:
   pin_path: {pins}
+  handoff:
+    socket: {handoff}
 drain_seconds: 1
 issuers:
   - issuer: {ISSUER}
@@ -283,6 +285,7 @@ enrollment:
             pins = pin_path.display(),
             jwks = issuer.jwks_uri(),
             socket = dir.path().join("run").join("cni.sock").display(),
+            handoff = dir.path().join("run").join("handoff.sock").display(),
             state = dir.path().join("pods").display(),
             api = api.url(),
             token = token_file.display(),

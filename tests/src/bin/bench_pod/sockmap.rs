@@ -43,6 +43,18 @@ fn render(config: &AgentConfig, admin: SocketAddr, audit: &Path, pins: &Path) ->
     let mut value: serde_yaml::Value =
         serde_yaml::from_str(&yaml).context("the rendered agent config is not YAML")?;
     value["interception"]["sockmap"] = serde_yaml::Value::Bool(true);
+    // Beside the audit log, so that the hand-off socket goes with the
+    // temporary directory instead of staying in /run/tokengate.
+    let mut handoff = serde_yaml::Mapping::new();
+    handoff.insert(
+        "socket".into(),
+        audit
+            .with_file_name("handoff.sock")
+            .display()
+            .to_string()
+            .into(),
+    );
+    value["interception"]["handoff"] = serde_yaml::Value::Mapping(handoff);
     value["admin"]["listen"] = serde_yaml::Value::String(admin.to_string());
     serde_yaml::to_string(&value).context("failed to render the sockmap agent config")
 }
