@@ -81,6 +81,8 @@ audit:
   file: {audit}
 interception:
   pin_path: {pins}
+  handoff:
+    socket: {handoff}
 drain_seconds: 2
 issuers:
   - issuer: {ISSUER}
@@ -102,6 +104,7 @@ workloads:
 {RULES}"#,
             audit = dir.path().join("audit.log").display(),
             pins = pin_path.display(),
+            handoff = dir.path().join("handoff.sock").display(),
             jwks = testbed.issuer.jwks_uri(),
             netns = testbed.orders.netns_path().display(),
         );
