@@ -207,6 +207,32 @@ impl PodNetns {
         })
     }
 
+    /// Checks that `source` and `dst` are of one family, and returns the
+    /// function that turns a failed connect between them into an error
+    /// naming the namespace and both addresses.
+    fn connect_error(
+        &self,
+        source: IpAddr,
+        dst: SocketAddr,
+    ) -> io::Result<impl Fn(io::Error) -> io::Error + Copy + '_> {
+        if source.is_ipv4() != dst.is_ipv4() {
+            return Err(NetnsError::FamilyMismatch {
+                source_addr: source,
+                destination: dst,
+            }
+            .into());
+        }
+        Ok(move |error: io::Error| -> io::Error {
+            NetnsError::Connect {
+                path: self.path.clone(),
+                source_addr: source,
+                destination: dst,
+                source: error,
+            }
+            .into()
+        })
+    }
+
     /// Connects to `dst` from inside the namespace, with the source address
     /// bound to `source` (the reserved address the `sk_lookup` program lets
     /// through).
@@ -219,22 +245,7 @@ impl PodNetns {
         source: IpAddr,
         dst: SocketAddr,
     ) -> io::Result<tokio::net::TcpStream> {
-        if source.is_ipv4() != dst.is_ipv4() {
-            return Err(NetnsError::FamilyMismatch {
-                source_addr: source,
-                destination: dst,
-            }
-            .into());
-        }
-        let connect_error = |error: io::Error| -> io::Error {
-            NetnsError::Connect {
-                path: self.path.clone(),
-                source_addr: source,
-                destination: dst,
-                source: error,
-            }
-            .into()
-        };
+        let connect_error = self.connect_error(source, dst)?;
 
         // Only `socket()` depends on the calling thread's namespace; bind and
         // connect act on the socket's own namespace from any thread.

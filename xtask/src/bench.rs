@@ -19,6 +19,7 @@ mod pod;
 mod proc_stats;
 mod report;
 mod scenario;
+mod server;
 mod wrk;
 
 use std::path::{Path, PathBuf};

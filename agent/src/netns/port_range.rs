@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use super::{NetnsError, PodNetns};
+use super::PodNetns;
 
 /// Number of ports tried before a connect fails. Each attempt that fails
 /// on a taken port moves to the next port, so this bounds the work when
@@ -35,22 +35,7 @@ impl PodNetns {
         ports: RangeInclusive<u16>,
         dst: SocketAddr,
     ) -> io::Result<tokio::net::TcpStream> {
-        if source.is_ipv4() != dst.is_ipv4() {
-            return Err(NetnsError::FamilyMismatch {
-                source_addr: source,
-                destination: dst,
-            }
-            .into());
-        }
-        let connect_error = |error: io::Error| -> io::Error {
-            NetnsError::Connect {
-                path: self.path.clone(),
-                source_addr: source,
-                destination: dst,
-                source: error,
-            }
-            .into()
-        };
+        let connect_error = self.connect_error(source, dst)?;
 
         let first = u32::from(*ports.start());
         let size = u32::from(*ports.end()).saturating_sub(first) + 1;

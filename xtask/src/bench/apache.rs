@@ -10,15 +10,15 @@
 //! self-signed certificate and server validation off.
 
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
-use crate::bench::proc_stats;
+use crate::bench::{proc_stats, server};
 use crate::process;
 
 /// Port httpd listens on inside the pod, next to nginx's and the service's.
@@ -42,15 +42,6 @@ const JWKS_LISTEN: &str = "127.0.0.1:8443";
 /// Worker threads of the single httpd process: more than the benchmark's
 /// client connections, so no connection waits for a thread.
 const THREADS: u32 = 64;
-
-/// Time allowed for httpd to accept connections after it starts.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Time allowed for httpd to exit after SIGTERM before it is killed.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Poll interval while waiting for httpd.
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Claims that httpd requires, the same as the agent's benchmark rule.
 pub struct Requirements<'a> {
@@ -112,7 +103,12 @@ impl Apache {
             addr: listen,
             dir,
         };
-        apache.wait_listening()?;
+        server::wait_listening(
+            "httpd",
+            &mut apache.child,
+            apache.addr,
+            &apache.dir.path().join("error.log"),
+        )?;
         Ok(apache)
     }
 
@@ -120,52 +116,13 @@ impl Apache {
     pub fn pids(&self) -> Vec<u32> {
         proc_stats::process_tree(self.child.id())
     }
-
-    fn wait_listening(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if TcpStream::connect_timeout(&self.addr, POLL_INTERVAL).is_ok() {
-                return Ok(());
-            }
-            if let Some(status) = self.child.try_wait()? {
-                let log =
-                    std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default();
-                bail!(
-                    "httpd exited with {status} before listening on {}:\n{log}",
-                    self.addr
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "httpd did not listen on {} within {START_TIMEOUT:?}",
-                    self.addr
-                );
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
-    }
 }
 
 impl Drop for Apache {
     fn drop(&mut self) {
         // SIGTERM stops httpd and its children at once.
         let pids = self.pids();
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
-        for pid in pids {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-        let _ = self.child.wait();
+        server::stop(&mut self.child, &pids);
     }
 }
 

@@ -3,14 +3,13 @@
 //! through `auth_request` first.
 
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::bench::proc_stats;
+use crate::bench::{proc_stats, server};
 use crate::process;
 
 /// Port nginx listens on inside the pod, next to the service's ports.
@@ -18,15 +17,6 @@ pub const NGINX_PORT: u16 = 8181;
 
 /// The njs module that Debian's `libnginx-mod-http-js` installs.
 pub const NJS_MODULE: &str = "/usr/lib/nginx/modules/ngx_http_js_module.so";
-
-/// Time allowed for nginx to accept connections after it starts.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Time allowed for nginx to exit after SIGTERM before it is killed.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Poll interval while waiting for nginx.
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Upstream keep-alive connections per worker: more than the benchmark's
 /// client connections, so no request waits for a new upstream connection.
@@ -120,7 +110,12 @@ impl Nginx {
             child,
             addr: listen,
         };
-        nginx.wait_listening(&dir.join("logs/error.log"))?;
+        server::wait_listening(
+            "nginx",
+            &mut nginx.child,
+            nginx.addr,
+            &dir.join("logs/error.log"),
+        )?;
         Ok(nginx)
     }
 
@@ -128,51 +123,13 @@ impl Nginx {
     pub fn pids(&self) -> Vec<u32> {
         proc_stats::process_tree(self.child.id())
     }
-
-    fn wait_listening(&mut self, error_log: &Path) -> anyhow::Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if TcpStream::connect_timeout(&self.addr, POLL_INTERVAL).is_ok() {
-                return Ok(());
-            }
-            if let Some(status) = self.child.try_wait()? {
-                let log = std::fs::read_to_string(error_log).unwrap_or_default();
-                bail!(
-                    "nginx exited with {status} before listening on {}:\n{log}",
-                    self.addr
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "nginx did not listen on {} within {START_TIMEOUT:?}",
-                    self.addr
-                );
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
-    }
 }
 
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM is nginx's fast shutdown: the master stops its workers.
         let pids = self.pids();
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
-        for pid in pids {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-        let _ = self.child.wait();
+        server::stop(&mut self.child, &pids);
     }
 }
 
