@@ -6,7 +6,7 @@
 //!
 //! The programs are attached to the cgroups of the selected pods only. The
 //! agent's own sockets belong to the agent's cgroup, so they never run these
-//! programs; the cgroup id and socket mark checks guard against a
+//! programs. The cgroup id and socket mark checks guard against a
 //! configuration that puts the agent into a pod's cgroup anyway.
 #![no_std]
 #![no_main]

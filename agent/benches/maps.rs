@@ -3,9 +3,9 @@
 //! at most `MAX_PORTS` (1,024) entries.
 //!
 //! Each pod gets its own copy of the maps of the embedded eBPF object, pinned
-//! in its own directory of a bpffs directory that the benchmark removes at
-//! the end (the maps are declared pinned, and pods sharing one directory
-//! would share one map). The program itself is not loaded. Each update is the same `bpf(BPF_MAP_UPDATE_ELEM)` call with the same
+//! in its own directory below a bpffs directory that the benchmark removes
+//! at the end. The maps are declared pinned, so pods sharing one directory
+//! would share one map. The program itself is not loaded. Each update is the same `bpf(BPF_MAP_UPDATE_ELEM)` call with the same
 //! key and value types that the agent makes when it attaches a pod:
 //!
 //! - `ports_update/100000`: insert or overwrite every port of every pod;
@@ -43,10 +43,10 @@ const PORT_PRESENT: u8 = 1;
 /// the build.
 const OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/tokengate-ebpf.o");
 
-/// Where bpffs is mounted; the benchmark mounts it there when it is missing.
+/// Mount point of bpffs, where the benchmark mounts it when it is missing.
 const BPFFS: &str = "/sys/fs/bpf";
 
-/// A directory below [`BPFFS`] that holds one directory of pins per pod,
+/// Directory below [`BPFFS`] that contains one directory of pins per pod,
 /// removed with everything in it on drop.
 struct PinRoot(PathBuf);
 

@@ -45,7 +45,7 @@ enum Command {
     Explain(ExplainArgs),
     /// Print what the agent set up on this node: pods, attached programs,
     /// map fill levels, counters, pins and kernel features. Works without a
-    /// running agent; asks a running one for readiness and counters.
+    /// running agent, and reads readiness and counters from a running one.
     Status(node_commands::StatusArgs),
     /// Remove every link, pin and map the agent owns under its pin path,
     /// its hand-off socket and its enrolment state. Refuses while an agent

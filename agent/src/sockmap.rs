@@ -11,7 +11,7 @@
 //! create the sockets (see `netns`, `proxy`).
 //!
 //! The cgroup link is held by this process and not pinned, so the kernel
-//! detaches the program when the agent exits, even when it is killed; no
+//! detaches the program when the agent exits, even when it is killed. No
 //! program stays attached to the root cgroup without an agent. Sockets
 //! already in the sockhash keep the fast path until they close.
 

@@ -449,9 +449,9 @@ impl Drop for Agent {
             // A killed agent leaves its hand-off socket. Agents of an
             // upgrade test share one, so it goes only once nothing listens.
             if let Some(socket) = &self.handoff_socket {
-                let refused = std::os::unix::net::UnixStream::connect(socket)
+                let nothing_listens = std::os::unix::net::UnixStream::connect(socket)
                     .is_err_and(|error| error.kind() == std::io::ErrorKind::ConnectionRefused);
-                if refused {
+                if nothing_listens {
                     let _ = std::fs::remove_file(socket);
                 }
             }

@@ -10,7 +10,7 @@
 //! creates, and [`Pod::command`] starts processes in both.
 //!
 //! A second node ([`Node::add_remote_node`]) is a namespace with pods
-//! behind it that runs no agent; its pods reach this node's pods through it
+//! behind it that runs no agent. Its pods reach this node's pods through it
 //! and the node, so the node forwards their packets. Forwarding is switched
 //! on per device, only on the node's own veths (`conf.DEV.forwarding` for
 //! IPv4, `conf.DEV.force_forwarding` for IPv6, Linux 6.17), never globally.

@@ -983,29 +983,29 @@ fn restarted_agent_adopts_pods() {
     }
     let mut setup = Setup::new();
     setup.start_agent();
-    let kept = setup.add_pod("shop", "orders-1", &json!({"app": "orders"}), &json!({}));
-    let gone = setup.add_pod("shop", "orders-2", &json!({"app": "orders"}), &json!({}));
+    let live = setup.add_pod("shop", "orders-1", &json!({"app": "orders"}), &json!({}));
+    let deleted = setup.add_pod("shop", "orders-2", &json!({"app": "orders"}), &json!({}));
     let host = setup.node.host();
-    let kept_id = container_id();
-    let gone_id = container_id();
+    let live_id = container_id();
+    let deleted_id = container_id();
     assert_eq!(
         setup
-            .plugin("ADD", &kept_id, &kept, ("shop", "orders-1"))
+            .plugin("ADD", &live_id, &live, ("shop", "orders-1"))
             .code,
         Some(0)
     );
     assert_eq!(
         setup
-            .plugin("ADD", &gone_id, &gone, ("shop", "orders-2"))
+            .plugin("ADD", &deleted_id, &deleted, ("shop", "orders-2"))
             .code,
         Some(0)
     );
-    let _echo = setup.echo(&kept);
+    let _echo = setup.echo(&live);
     let token = token();
     assert_eq!(
         send(
             &host,
-            kept.v4(PROTECTED_PORT),
+            live.v4(PROTECTED_PORT),
             "GET",
             "/orders/1",
             Some(&token)
@@ -1015,38 +1015,38 @@ fn restarted_agent_adopts_pods() {
 
     setup.agent.take().expect("agent").kill();
     // Without an agent the protected port stays closed, the other is open.
-    assert_closed(&host, kept.v4(PROTECTED_PORT));
+    assert_closed(&host, live.v4(PROTECTED_PORT));
     assert_eq!(
-        send(&host, kept.v4(OTHER_PORT), "GET", "/orders/1", None),
+        send(&host, live.v4(OTHER_PORT), "GET", "/orders/1", None),
         (200, true)
     );
-    tokengate_tests::netns::run_ip(&["netns", "del", gone.netns.as_deref().expect("netns")])
+    tokengate_tests::netns::run_ip(&["netns", "del", deleted.netns.as_deref().expect("netns")])
         .expect("delete netns");
     setup.start_agent();
 
     assert!(setup.agent().logged("pod adopted"));
     assert_eq!(
-        send(&host, kept.v4(PROTECTED_PORT), "GET", "/orders/1", None),
+        send(&host, live.v4(PROTECTED_PORT), "GET", "/orders/1", None),
         (401, false)
     );
     assert_eq!(
         send(
             &host,
-            kept.v4(PROTECTED_PORT),
+            live.v4(PROTECTED_PORT),
             "GET",
             "/orders/1",
             Some(&token)
         ),
         (200, true)
     );
-    assert!(setup.site.state_file(&kept_id).exists());
-    assert!(!setup.site.state_file(&gone_id).exists());
+    assert!(setup.site.state_file(&live_id).exists());
+    assert!(!setup.site.state_file(&deleted_id).exists());
     assert!(!setup.site.pin_dir("shop_orders-2").exists());
     // Adoption needs no API lookup: the state file carries the probes.
-    let check = setup.plugin("CHECK", &kept_id, &kept, ("shop", "orders-1"));
+    let check = setup.plugin("CHECK", &live_id, &live, ("shop", "orders-1"));
     assert_eq!(check.code, Some(0), "{check:?}");
     assert_eq!(
-        send(&host, kept.v4(PROTECTED_PORT), "GET", "/healthz", None),
+        send(&host, live.v4(PROTECTED_PORT), "GET", "/healthz", None),
         (200, true)
     );
 }
@@ -1321,7 +1321,7 @@ struct HandoffLoad {
 }
 
 /// Sends requests on new connections from the node until `stop`, every
-/// fourth without a token, and checks each answer.
+/// fourth without a token, and checks each response.
 fn handoff_load(addr: SocketAddr, token: &str, stop: &AtomicBool) -> HandoffLoad {
     let mut load = HandoffLoad::default();
     while !stop.load(Ordering::SeqCst) && load.sent < HANDOFF_LOAD_MAX {

@@ -486,7 +486,7 @@ fn unrelated_sockets_stay_out() {
     let added_before = bed.exported().sockets_added;
 
     // Host namespace, from the reserved source itself: only the namespace
-    // cookie tells it apart from the agent's hop.
+    // cookie distinguishes it from the agent's hop.
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("host listener");
     let socket =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");

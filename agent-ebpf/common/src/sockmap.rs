@@ -184,7 +184,7 @@ impl SockKey {
     }
 }
 
-/// Which end of a connection a `sock_ops` callback reports.
+/// The end of a connection that a `sock_ops` callback reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
     /// The connecting socket (`BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB`).
@@ -215,7 +215,7 @@ pub fn should_add(
     }
 }
 
-/// What the `sk_msg` program does with one message.
+/// The `sk_msg` program's action for one message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MessageAction {
     /// Try `bpf_msg_redirect_hash` to the peer's key.
@@ -227,7 +227,7 @@ pub enum MessageAction {
 /// Decides whether a message may take the fast path.
 ///
 /// A socket that sent one message through the TCP stack (`sent_direct`,
-/// because the peer was not in the map yet) must keep doing so: that
+/// because the peer was not in the map yet) must keep doing so. That
 /// message waits in the peer's TCP receive queue, and the peer reads its
 /// redirect queue first, so a later redirected message would overtake it.
 pub fn decide_message(sent_direct: bool) -> MessageAction {
@@ -281,7 +281,7 @@ mod tests {
         u32::from_ne_bytes(address.octets())
     }
 
-    /// The context's encoding of a remote port.
+    /// Encodes a remote port as the context stores it.
     fn raw_port(port: u16) -> u32 {
         u32::from(port).to_be()
     }

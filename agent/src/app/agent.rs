@@ -230,9 +230,9 @@ impl<E: Enroll> Agent<E> {
         self.drain_and_release(false).await
     }
 
-    /// Like [`Agent::shutdown`] after a successor took over the listeners:
-    /// idle keep-alive connections stay open until their next request,
-    /// which is answered with `Connection: close`, so callers move to the
+    /// Like [`Agent::shutdown`] after a successor took over the listeners.
+    /// Idle keep-alive connections stay open until their next request, whose
+    /// response carries `Connection: close`, so callers move to the
     /// successor without meeting a closed connection.
     pub async fn shutdown_after_handoff(self) -> Core {
         self.drain_and_release(true).await

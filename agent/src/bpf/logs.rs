@@ -221,9 +221,9 @@ mod tests {
         let mut bucket = TokenBucket::new(2.0, 100.0, start);
         let later = start + Duration::from_secs(60);
 
-        let taken = (0..5).filter(|_| bucket.take(later)).count();
+        let granted = (0..5).filter(|_| bucket.take(later)).count();
 
-        assert_eq!(taken, 2);
+        assert_eq!(granted, 2);
     }
 
     #[test]

@@ -13,9 +13,9 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 pub(super) fn adopt(received: Vec<RawFd>) -> Vec<OwnedFd> {
     received
         .into_iter()
-        // SAFETY: the kernel installed each descriptor in this process
-        // while `recvmsg` ran and nothing else has seen it, so each one is
-        // open and owned here exactly once.
+        // SAFETY: the only caller, `protocol::receive`, passes the
+        // descriptors that `recvmsg` has just installed in this process and
+        // owns no other copy of them, so each one is open and owned once.
         .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect()
 }

@@ -99,8 +99,8 @@ pub(super) async fn serve_http<U: Upstream>(
         async move {
             let mut response = context.handle(request).await;
             if draining.is_signalled() {
-                // The caller opens its next connection to the new agent,
-                // and knows before sending that this one is done.
+                // The caller learns before sending again that this
+                // connection is done, and opens its next one to the new agent.
                 response.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
@@ -116,7 +116,7 @@ pub(super) async fn serve_http<U: Upstream>(
         .max_buf_size(MAX_REQUEST_HEAD_BYTES)
         .keep_alive(true)
         // A caller may shut down its write side after the request and wait
-        // for the response (half close); without this hyper closes the
+        // for the response (half close). Without this, hyper closes the
         // connection as soon as it reads the EOF.
         .half_close(true)
         .serve_connection(TokioIo::new(stream), service);
@@ -131,7 +131,7 @@ pub(super) async fn serve_http<U: Upstream>(
                 connection.as_mut().graceful_shutdown();
             }
             // Otherwise an idle connection waits for its next request, whose
-            // response says `Connection: close`, so that the caller never
+            // response carries `Connection: close`, so that the caller never
             // sends into a connection that is being closed.
             connection.await
         }

@@ -51,10 +51,10 @@ impl DrainController {
     }
 
     /// Like [`DrainController::drain`], but an idle keep-alive connection
-    /// stays open until its next request, which is answered with
-    /// `Connection: close`, or until the deadline. Used after a hand-off:
-    /// the new agent accepts by then, so a caller's next request goes to
-    /// it without meeting a connection closed under it.
+    /// stays open until its next request (whose response carries
+    /// `Connection: close`) or until the deadline. Used after a hand-off,
+    /// when the new agent already accepts, so a caller's next request goes
+    /// to it without meeting a connection closed under it.
     pub async fn drain_keeping_idle(self, deadline: Duration) -> bool {
         self.idle_kept.store(true, Ordering::Release);
         self.drain(deadline).await

@@ -91,7 +91,7 @@ async fn main() -> Result<()> {
 }
 
 /// Binds `[::]:port` with `IPV6_V6ONLY`, which the IPv4 listener on the
-/// same port needs beside it whatever `net.ipv6.bindv6only` says.
+/// same port needs beside it whatever the `net.ipv6.bindv6only` setting.
 fn bind_ipv6_only(port: u16) -> Result<TcpListener> {
     let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
     let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))

@@ -387,11 +387,11 @@ impl<E: Enroll> Agent<E> {
             return;
         };
 
-        let gone: Vec<usize> = (0..self.pods.enrolled.len())
+        let vanished: Vec<usize> = (0..self.pods.enrolled.len())
             .rev()
             .filter(|index| !self.pods.enrolled[*index].record.netns.exists())
             .collect();
-        for index in gone {
+        for index in vanished {
             let pod = self.pods.enrolled.swap_remove(index);
             tracing::info!(workload = %pod.record.workload, netns = %pod.record.netns.display(), "network namespace of an enrolled pod is gone, releasing it");
             if let Err(error) = self.release_pod(pod) {
